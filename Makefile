@@ -1,0 +1,32 @@
+# The targets README.md uses. `make run` = set up + the main job; `make test` = the test suite.
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PYTHON ?= python3
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup run test bench dev clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+run: setup  ## the main job: datasets -> models -> evaluation -> report, through DVC
+	$(BIN)/dvc repro
+	@echo "report: $(CURDIR)/data/reports/report.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_methods.py
+
+dev: setup  ## the Dagster UI on http://127.0.0.1:3000, runs recorded in .dagster_home
+	mkdir -p .dagster_home && cp -n dagster.yaml .dagster_home/ 2>/dev/null || true
+	DAGSTER_HOME=$(CURDIR)/.dagster_home $(BIN)/dagster dev -m pipelines.definitions
+
+clean:
+	rm -rf data/datasets data/models data/eval data/reports

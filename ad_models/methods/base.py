@@ -1,0 +1,180 @@
+"""The method contract, and the few pieces every method shares.
+
+A method is a class with a config dataclass and this surface (scikit-learn in spirit):
+
+    method = Method(config)
+    log = method.fit(train_dataset, valid_dataset=None, device="cpu", progress=True)
+    scores, maps = method.predict(images)        # images [B, 3, H, W] in [0, 1]
+    method.save(folder); Method.load(folder)
+
+`predict` returns image scores [B] and anomaly maps [B, H, W] at the input resolution; larger
+means more anomalous. `save` writes `config.json` (the method's config, the weights' sources,
+library versions) and `weights.pt`; `load` needs nothing else, on any machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ad_models.io import atomic_path, read_json, write_json
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto' (or None) picks CUDA when there is one; anything else is taken as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a no-op on CPU, where fp32 is both faster and exact."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def image_batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False,
+                  generator: torch.Generator | None = None, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, drop_last=False)
+
+
+def config_from_dict(config_cls: type, values: dict[str, Any] | None):
+    """Build a config dataclass from plain data, rejecting unknown keys with the valid ones listed."""
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__}: unknown option(s) {unknown}; valid options: {sorted(known)}")
+    return config_cls(**values)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+
+    import ad_models
+    return {"adpipe": ad_models.__version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+class AnomalyMethod:
+    """Base class: holds the config, the shared save/load and the dataset-level prediction loop.
+
+    Subclasses set `name` and `Config`, build their networks in `__init__`, and implement
+    `fit` and `predict`. Everything a subclass must persist beyond its config lives in `self.net`
+    (an nn.Module) or in `extra_state()` / `load_extra_state()`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config=None, pretrained_backbones: bool = True):
+        # pretrained_backbones=False: `load` restores every weight from the checkpoint, so no
+        # hub or wheel lookup is needed on the machine that loads a model
+        if config is None or isinstance(config, dict):
+            config = config_from_dict(self.Config, config)
+        self.config = config
+        self.device = torch.device("cpu")
+        self.net: nn.Module = nn.Module()
+        self.provenance: dict[str, Any] = {}  # where pretrained weights came from, filled by subclasses
+
+    # -- the contract --------------------------------------------------------------------------
+    def fit(self, train: Dataset, valid: Dataset | None = None, device: str = "auto",
+            progress: bool = True) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- persistence ---------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "weights.pt") as tmp:
+            torch.save({"net": self.net.state_dict(), "extra": self.extra_state()}, tmp)
+        write_json(folder / "config.json", {"method": self.name, "config": config_to_dict(self.config),
+                                            "provenance": self.provenance, "versions": library_versions()})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto") -> "AnomalyMethod":
+        folder = Path(folder)
+        saved = read_json(folder / "config.json")
+        if saved.get("method") != cls.name:
+            raise ValueError(f"{folder}: holds a {saved.get('method')!r} model, not {cls.name!r}")
+        method = cls(saved["config"], pretrained_backbones=False)
+        state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+        method.net.load_state_dict(state["net"])
+        method.load_extra_state(state["extra"])
+        method.provenance = saved.get("provenance", {})
+        method.to(resolve_device(device))
+        return method
+
+    def to(self, device: torch.device) -> "AnomalyMethod":
+        self.device = device
+        self.net.to(device)
+        return self
+
+    # -- shared loops --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_dataset(self, dataset: Dataset, batch_size: int = 8, progress: bool = True,
+                        desc: str = "predict") -> dict[str, Any]:
+        """Scores and maps for a whole dataset, with labels, masks and timing, as numpy arrays."""
+        out: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [],
+                                "defect_types": []}
+        seconds = 0.0
+        for batch in tqdm(image_batches(dataset, batch_size), desc=desc, disable=not progress, leave=False):
+            start = time.perf_counter()
+            scores, maps = self.predict(batch["image"])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            out["scores"].append(scores.float().cpu().numpy())
+            out["maps"].append(maps.float().cpu().numpy().astype(np.float32))
+            out["labels"].append(np.asarray(batch["label"]))
+            out["masks"].append(batch["mask"][:, 0].numpy() > 0.5)
+            out["paths"] += list(batch["path"])
+            out["defect_types"] += list(batch["defect_type"])
+        result = {k: (np.concatenate(v) if k in ("scores", "maps", "labels", "masks") else v)
+                  for k, v in out.items()}
+        result["seconds_per_image"] = seconds / max(len(dataset), 1)
+        return result
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    result = {"seconds": 0.0}
+    start = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result["seconds"] = time.perf_counter() - start

@@ -1,0 +1,98 @@
+"""The HTML report: one self-contained file (figures inlined) from the evaluation folders.
+
+Also writes what DVC reads: `metrics.json` ({category: {method: metrics}}) for `dvc metrics`, and
+one ROC CSV per (method, category) under `roc/` for `dvc plots`.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ad_models.io import atomic_path, read_json, write_json, write_text  # noqa: E402
+
+TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"),
+                 ("f1_max", "F1-max"), ("train_seconds", "training s"), ("inference_ms_per_image", "ms / image")]
+DVC_METRICS = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "train_seconds", "inference_ms_per_image"]
+
+
+@dataclass
+class EvalEntry:
+    category: str  # "<dataset>/<category>"
+    method: str
+    folder: Path
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _roc_figure(curves: dict[str, pd.DataFrame], title: str) -> str:
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=110)
+    for method, roc in curves.items():
+        ax.plot(roc.fpr, roc.tpr, label=method, lw=1.6)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return _png_data_uri(buffer.getvalue())
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) <= 1.0 else f"{value:.1f}"
+    return str(value)
+
+
+def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: str = "adpipe report") -> dict:
+    """Write report.html, metrics.json and roc/*.csv into `out_dir`; returns the metrics dict."""
+    out_dir = Path(out_dir)
+    missing = [str(e.folder) for e in entries if not (e.folder / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"evaluations missing (run the evaluation first): {', '.join(missing)}")
+    all_metrics: dict[str, dict[str, dict]] = {}
+    categories = []
+    for category in dict.fromkeys(e.category for e in entries):
+        rows, curves, galleries = [], {}, []
+        for entry in (e for e in entries if e.category == category):
+            m = read_json(entry.folder / "metrics.json")
+            all_metrics.setdefault(category, {})[entry.method] = {k: m.get(k) for k in DVC_METRICS}
+            rows.append({"method": entry.method, "cells": [_fmt(m.get(k)) for k, _ in TABLE_COLUMNS],
+                         "per_defect": m.get("image_auroc_per_defect_type", {})})
+            curves[entry.method] = pd.read_csv(entry.folder / "roc.csv")
+            galleries.append({"method": entry.method,
+                              "uri": _png_data_uri((entry.folder / "gallery.png").read_bytes())})
+        categories.append({"name": category, "rows": rows, "roc": _roc_figure(curves, category),
+                           "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]})})
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ad_models.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]))
+    html = env.get_template("report.html").render(
+        title=title, generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        columns=[label for _, label in TABLE_COLUMNS], categories=categories, fmt=_fmt)
+
+    write_text(out_dir / "report.html", html)
+    write_json(out_dir / "metrics.json", all_metrics)
+    roc_dir = out_dir / "roc"
+    roc_dir.mkdir(parents=True, exist_ok=True)
+    for entry in entries:
+        name = f"{entry.method}__{entry.category.replace('/', '__')}.csv"
+        roc = pd.read_csv(entry.folder / "roc.csv").assign(method=entry.method, category=entry.category)
+        with atomic_path(roc_dir / name) as tmp:
+            roc.to_csv(tmp, index=False, lineterminator="\n")
+    return all_metrics

@@ -1,0 +1,125 @@
+"""Train a method on a prepared category, and evaluate a saved model on its test set.
+
+These are the library calls behind the pipeline's `model` and `evaluation` assets and the
+benchmarks: each reads a category folder (MVTec layout + manifest.csv) and writes one folder,
+atomically, so an interrupted run leaves the previous complete version.
+
+Model folder:      config.json, weights.pt, training_log.json
+Evaluation folder: metrics.json, scores.csv (one row per test image), roc.csv (image-level ROC),
+                   gallery.png (test images, anomaly maps, ground truth)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ad_models import metrics
+from ad_models.data.layout import read_manifest
+from ad_models.data.loading import ImageDataset
+from ad_models.io import atomic_dir, read_json, write_json
+from ad_models.methods import create_method, load_method
+
+
+def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
+    counts = {"train": int((manifest.split == "train").sum()),
+              "validation": int((manifest.split == "validation").sum())}
+    test = manifest[manifest.split == "test"]
+    counts["test_good"] = int((test.label == 0).sum())
+    counts["test_defective"] = int((test.label == 1).sum())
+    return counts
+
+
+def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          *, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`."""
+    manifest = read_manifest(dataset_dir)
+    model = create_method(method, config)
+    size = model.config.image_size
+    train_set = ImageDataset(manifest[manifest.split == "train"], size)
+    valid_rows = manifest[manifest.split == "validation"]
+    valid_set = ImageDataset(valid_rows, size) if len(valid_rows) else None
+    log = model.fit(train_set, valid_set, device=device, progress=progress)
+    log.update(method=method, dataset_dir=str(dataset_dir), counts=split_counts(manifest),
+               provenance=model.provenance)
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp)
+        write_json(tmp / "training_log.json", log)
+    return log
+
+
+def _colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1)
+    return cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+
+
+def gallery_image(images: list[np.ndarray], maps: np.ndarray, masks: np.ndarray, titles: list[str],
+                  lo: float, hi: float, tile: int = 128) -> np.ndarray:
+    """RGB grid: one column per image; rows = image, map overlaid on image, ground-truth mask."""
+    columns = []
+    for image, amap, mask, title in zip(images, maps, masks, titles):
+        image = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
+        heat = cv2.resize(_colourise(amap, lo, hi), (tile, tile), interpolation=cv2.INTER_LINEAR)
+        overlay = (0.5 * image + 0.5 * heat).astype(np.uint8)
+        gt = cv2.resize(mask.astype(np.uint8) * 255, (tile, tile), interpolation=cv2.INTER_NEAREST)
+        column = np.concatenate([image, overlay, np.repeat(gt[..., None], 3, 2)], 0)
+        cv2.putText(column, title[:18], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+        columns.append(np.pad(column, ((0, 0), (1, 1), (0, 0)), constant_values=255))
+    return np.concatenate(columns, 1)
+
+
+def _gallery_indices(labels: np.ndarray, scores: np.ndarray, defect_types: list[str], n: int) -> list[int]:
+    """Per defect type its highest-scoring image, then the highest-scoring good image, up to n."""
+    chosen = []
+    for defect in dict.fromkeys(d for d, y in zip(defect_types, labels) if y == 1):
+        idx = [i for i, d in enumerate(defect_types) if d == defect]
+        chosen.append(max(idx, key=lambda i: scores[i]))
+    good = [i for i in np.argsort(-scores) if labels[i] == 0]
+    return (chosen[: max(n - 1, 1)] + good[:1])[:n]
+
+
+def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             *, device: str = "auto", batch_size: int = 8, gallery_size: int = 6,
+             progress: bool = True) -> dict[str, Any]:
+    """Score the test split with the saved model; write metrics, scores, ROC and a gallery."""
+    model = load_method(model_dir, device)
+    manifest = read_manifest(dataset_dir)
+    test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
+    if test_rows.empty:
+        raise ValueError(f"{dataset_dir}: the test split is empty; nothing to evaluate")
+    size = model.config.image_size
+    pred = model.predict_dataset(ImageDataset(test_rows, size), batch_size, progress, desc=f"{model.name}: test")
+    labels, scores = pred["labels"], pred["scores"]
+    result: dict[str, Any] = metrics.evaluate(labels, scores, pred["masks"], pred["maps"])
+    per_defect = {}
+    for defect in sorted(set(pred["defect_types"]) - {"good"}):
+        keep = np.array([d in (defect, "good") for d in pred["defect_types"]])
+        per_defect[defect] = metrics.evaluate(labels[keep], scores[keep])["image_auroc"]
+    training_log = read_json(Path(model_dir) / "training_log.json")
+    result.update(
+        method=model.name, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),
+        n_defective=int((labels == 1).sum()), image_auroc_per_defect_type=per_defect,
+        train_seconds=float(training_log.get("train_seconds", float("nan"))),
+        inference_ms_per_image=1000 * pred["seconds_per_image"], device=str(model.device))
+
+    maps = pred["maps"]
+    lo, hi = float(maps.min()), float(np.quantile(maps[:, ::4, ::4], 0.999))
+    picks = _gallery_indices(labels, scores, pred["defect_types"], gallery_size)
+    images = [cv2.cvtColor(cv2.imread(test_rows.path[i]), cv2.COLOR_BGR2RGB) for i in picks]
+    titles = [f"{pred['defect_types'][i]} {scores[i]:.3g}" for i in picks]
+    gallery = gallery_image(images, maps[picks], pred["masks"][picks], titles, lo, hi)
+
+    fpr, tpr = metrics.roc_points(labels, scores)
+    root = Path(dataset_dir).absolute()
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", result)
+        pd.DataFrame({"path": [Path(p).relative_to(root).as_posix() for p in pred["paths"]],
+                      "defect_type": pred["defect_types"], "label": labels, "score": scores}
+                     ).to_csv(tmp / "scores.csv", index=False, lineterminator="\n")
+        pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc.csv", index=False, lineterminator="\n")
+        cv2.imwrite(str(tmp / "gallery.png"), gallery[..., ::-1])
+    return result

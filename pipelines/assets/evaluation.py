@@ -1,0 +1,36 @@
+"""The `evaluation` asset: a trained model scored on its category's test set (data/eval/...)."""
+
+import dagster as dg
+
+from ad_models import runs
+from pipelines.checks import check_evaluation, evaluation_check_specs
+from pipelines.metadata import floats, markdown_table, png_preview
+from pipelines.params import Params
+from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
+from pipelines.resources import AdpipeResource
+
+HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "inference_ms_per_image"]
+
+
+def build(params: Params) -> dg.AssetsDefinition:
+    @dg.asset(name="evaluation", group_name="evaluation", partitions_def=model_partitions(params),
+              deps=["model", dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu",
+              check_specs=evaluation_check_specs("evaluation"),
+              description="Test-set metrics, per-image scores, ROC curve and an anomaly-map gallery.")
+    def evaluation(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+        p = adpipe.params
+        category, method = split_model_key(context)
+        folder = p.eval_dir(method, category)
+        result = runs.evaluate(p.model_dir(method, category), p.dataset_dir(category), folder,
+                               device=adpipe.torch_device, batch_size=int(p.evaluation.get("batch_size", 8)),
+                               gallery_size=int(p.evaluation.get("gallery_size", 6)), progress=adpipe.progress)
+        per_defect = result["image_auroc_per_defect_type"]
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(str(folder)), **floats(result, HEADLINE),
+                      "test_images": result["n_test"],
+                      "per_defect_type": markdown_table(["defect type", "image AUROC"],
+                                                        [[k, v] for k, v in per_defect.items()]),
+                      "gallery": png_preview(folder / "gallery.png")},
+            check_results=[check_evaluation(result)])
+
+    return evaluation

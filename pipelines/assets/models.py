@@ -1,0 +1,42 @@
+"""The `model` asset: one method trained on one category (data/models/<method>/<dataset>/<category>)."""
+
+import dagster as dg
+
+from ad_models import runs
+from pipelines.metadata import markdown_table
+from pipelines.params import Params
+from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
+from pipelines.resources import AdpipeResource
+
+
+def loss_summary(losses: list[list[float]], rows: int = 8) -> dg.MetadataValue:
+    """A few evenly spaced epochs of the per-level loss curve, first and last included."""
+    step = max(1, (len(losses) - 1) // (rows - 1)) if len(losses) > 1 else 1
+    picked = sorted(set(list(range(0, len(losses), step)) + [len(losses) - 1]))
+    levels = len(losses[0]) if losses else 0
+    return markdown_table(["epoch"] + [f"level {i + 1}" for i in range(levels)] + ["total"],
+                          [[e + 1] + list(losses[e]) + [sum(losses[e])] for e in picked])
+
+
+def build(params: Params) -> dg.AssetsDefinition:
+    @dg.asset(name="model", group_name="models", partitions_def=model_partitions(params),
+              deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
+              description="A trained model: weights, config (with weight provenance) and training log.")
+    def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+        p = adpipe.params
+        category, method = split_model_key(context)
+        folder = p.model_dir(method, category)
+        context.log.info(f"training {method} on {category} (device {adpipe.torch_device}) into {folder}")
+        log = runs.train(method, p.method_config.get(method), p.dataset_dir(category), folder,
+                         device=adpipe.torch_device, progress=adpipe.progress)
+        metadata = {"path": dg.MetadataValue.path(str(folder)),
+                    "train_images": log["counts"]["train"],
+                    "train_seconds": dg.MetadataValue.float(log["train_seconds"]),
+                    "device": log.get("device", adpipe.torch_device),
+                    "weights": dg.MetadataValue.json(log["provenance"])}
+        if log.get("loss_per_epoch"):
+            metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])
+            metadata["loss_curve"] = loss_summary(log["loss_per_epoch"])
+        return dg.MaterializeResult(metadata=metadata)
+
+    return model

@@ -1,0 +1,25 @@
+"""The `report` asset: report.html, metrics.json (dvc metrics) and ROC CSVs (dvc plots)."""
+
+import dagster as dg
+
+from ad_models.report import EvalEntry, build_report
+from pipelines.metadata import markdown_table
+from pipelines.params import Params
+from pipelines.resources import AdpipeResource
+
+
+def build(params: Params) -> dg.AssetsDefinition:
+    @dg.asset(name="report", group_name="reports", deps=["evaluation"],
+              description="The HTML report over every category and method in params.yaml.")
+    def report(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+        p = adpipe.params
+        entries = [EvalEntry(c, m, p.eval_dir(m, c)) for c in p.categories for m in p.methods]
+        metrics = build_report(entries, p.report_dir)
+        rows = [[c, m, v.get("image_auroc"), v.get("pixel_auroc"), v.get("aupro")]
+                for c, by_method in metrics.items() for m, v in by_method.items()]
+        return dg.MaterializeResult(metadata={
+            "path": dg.MetadataValue.path(str(p.report_dir / "report.html")),
+            "models": len(entries),
+            "metrics": markdown_table(["category", "method", "image AUROC", "pixel AUROC", "AUPRO"], rows)})
+
+    return report

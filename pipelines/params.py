@@ -1,0 +1,108 @@
+"""params.yaml: the one configuration, read by Dagster (partitions, assets) and DVC (stage params).
+
+Relative paths in it resolve against the folder that holds it, so the pipeline behaves the same
+whatever the working directory (the UI, `adpipe`, `dvc repro`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
+KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation"}
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed, or names something that does not exist."""
+
+
+@dataclass(frozen=True)
+class Params:
+    file: Path
+    seed: int
+    device: str
+    data_root: Path
+    datasets: dict[str, dict[str, Any]]  # name -> {"source": ..., "options": {...}}
+    categories: list[str]  # "<dataset>/<category>", the category partitions
+    methods: list[str]  # the method partitions
+    method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    # -- where things live under data/ ---------------------------------------------------------
+    def dataset_dir(self, category: str) -> Path:
+        return self.data_root / "datasets" / category
+
+    def model_dir(self, method: str, category: str) -> Path:
+        return self.data_root / "models" / method / category
+
+    def eval_dir(self, method: str, category: str) -> Path:
+        return self.data_root / "eval" / method / category
+
+    @property
+    def report_dir(self) -> Path:
+        return self.data_root / "reports"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_root / "raw"
+
+    def source_of(self, category: str) -> tuple[str, str, dict[str, Any]]:
+        """(source module, category within it, options) for a "<dataset>/<category>" key."""
+        dataset, name = category.split("/", 1)
+        spec = self.datasets[dataset]
+        options = dict(spec.get("options") or {})
+        for key in ("source_dir", "raw_dir"):  # paths in options are relative to params.yaml too
+            if options.get(key):
+                options[key] = str(self._resolve(options[key]))
+        return spec["source"], name, options
+
+    def _resolve(self, path: str | os.PathLike) -> Path:
+        path = Path(os.path.expanduser(str(path)))
+        return path if path.is_absolute() else (self.file.parent / path).resolve()
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    path = Path(path or os.environ.get(PARAMS_ENV) or "params.yaml").absolute()
+    if not path.is_file():
+        raise ParamsError(f"{path}: no params file (run from the repository root, or set {PARAMS_ENV})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise ParamsError(f"{path}: unknown keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
+
+    from ad_models.data.sources import SOURCES
+    from ad_models.methods import METHODS
+
+    datasets = raw.get("datasets") or {}
+    for name, spec in datasets.items():
+        if not isinstance(spec, dict) or spec.get("source") not in SOURCES:
+            raise ParamsError(f"{path}: datasets.{name}.source must be one of {sorted(SOURCES)}")
+    categories = list(raw.get("categories") or [])
+    problems = []
+    for key in categories:
+        dataset, _, name = str(key).partition("/")
+        if dataset not in datasets or not name:
+            problems.append(f"{key!r} (want '<dataset>/<category>' with <dataset> in {sorted(datasets)})")
+        elif name not in SOURCES[datasets[dataset]["source"]].CATEGORIES:
+            problems.append(f"{key!r} (known categories of {dataset}: "
+                            f"{list(SOURCES[datasets[dataset]['source']].CATEGORIES)})")
+    methods = list(raw.get("methods") or [])
+    problems += [f"method {m!r} (known: {sorted(METHODS)})" for m in methods if m not in METHODS]
+    if not categories or not methods:
+        problems.append("at least one category and one method are needed")
+    if len(set(categories)) != len(categories) or len(set(methods)) != len(methods):
+        problems.append("categories and methods must not repeat")
+    if problems:
+        raise ParamsError(f"{path}: " + "; ".join(problems))
+
+    params = Params(file=path, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")),
+                    data_root=Path(), datasets=datasets, categories=categories, methods=methods,
+                    method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {})
+    return Params(**{**params.__dict__, "data_root": params._resolve(raw.get("data_root", "data"))})

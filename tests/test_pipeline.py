@@ -1,0 +1,171 @@
+"""The Dagster code location and the whole graph, end to end, on a tiny synthetic dataset."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from pipelines.definitions import build_definitions
+from pipelines.params import ParamsError, load_params
+from pipelines.partitions import model_partition_key
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "seed": 0,
+    "data_root": "data",
+    "datasets": {"synthetic": {"source": "synthetic",
+                               "options": {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 64}}},
+    "categories": ["synthetic/fabric", "synthetic/circuit"],
+    "methods": ["pfm", "mean_image"],
+    "method_config": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}},
+    "evaluation": {"batch_size": 4, "gallery_size": 3},
+}
+
+
+def write_params(folder: Path, **changes) -> Path:
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    return path
+
+
+def test_default_params_define_the_graph():
+    defs = build_definitions(load_params(ROOT / "params.yaml"))
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"dataset", "model", "evaluation", "report"}
+    model = graph.get(dg.AssetKey("model"))
+    assert set(model.partitions_def.get_partition_keys()) >= {"synthetic/fabric|pfm", "synthetic/circuit|pefm"}
+    assert {k.to_user_string() for k in model.parent_keys} == {"dataset"}
+
+
+def test_bad_params_are_clear(tmp_path):
+    with pytest.raises(ParamsError, match="known categories of synthetic"):
+        load_params(write_params(tmp_path, categories=["synthetic/nope"]))
+    with pytest.raises(ParamsError, match="method 'nope'"):
+        load_params(write_params(tmp_path, methods=["nope"]))
+    with pytest.raises(ParamsError, match="unknown keys"):
+        load_params(write_params(tmp_path, epochs=3))
+
+
+def test_whole_graph_end_to_end(tmp_path):
+    params = load_params(write_params(tmp_path))
+    defs = build_definitions(params, device="cpu", progress=False)
+    assets = list(defs.assets)
+    instance = dg.DagsterInstance.ephemeral()
+    for category in params.categories:
+        result = dg.materialize(assets, selection=[dg.AssetKey("dataset")], partition_key=category,
+                                resources=defs.resources, instance=instance)
+        meta = result.asset_materializations_for_node("dataset")[0].metadata
+        assert meta["train_good"].value == 10 and meta["test_defective"].value == 8
+        assert all(c.passed for c in result.get_asset_check_evaluations())
+    for category in params.categories:
+        for method in params.methods:
+            result = dg.materialize(assets, selection=[dg.AssetKey("model"), dg.AssetKey("evaluation")],
+                                    partition_key=model_partition_key(category, method),
+                                    resources=defs.resources, instance=instance)
+            meta = result.asset_materializations_for_node("evaluation")[0].metadata
+            assert 0.0 <= meta["image_auroc"].value <= 1.0
+            assert "data:image/png;base64," in meta["gallery"].value
+    dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources, instance=instance)
+
+    data = tmp_path / "data"
+    for method in params.methods:
+        model_dir = data / "models" / method / "synthetic" / "fabric"
+        assert {"config.json", "weights.pt", "training_log.json"} <= {p.name for p in model_dir.iterdir()}
+        metrics = json.loads((data / "eval" / method / "synthetic" / "fabric" / "metrics.json").read_text())
+        assert metrics["n_test"] == 12 and set(metrics["image_auroc_per_defect_type"]) == {
+            "scratch", "hole", "stain", "crack"}
+    report = (data / "reports" / "report.html").read_text()
+    assert "synthetic/circuit" in report and "AUPRO" in report and report.count("data:image/png;base64,") >= 6
+    assert "<script src" not in report and "<link" not in report  # self-contained
+    dvc_metrics = json.loads((data / "reports" / "metrics.json").read_text())
+    assert set(dvc_metrics["synthetic/fabric"]) == {"pfm", "mean_image"}
+    assert len(list((data / "reports" / "roc").glob("*.csv"))) == 4
+    assert not list(data.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_cli_runs_a_selection(tmp_path):
+    from pipelines.cli import main
+    params = write_params(tmp_path, categories=["synthetic/granite"], methods=["mean_image"])
+    assert main(["--params", str(params), "materialize", "--select", "dataset,model"]) == 0
+    assert (tmp_path / "data" / "models" / "mean_image" / "synthetic" / "granite" / "weights.pt").is_file()
+    assert not (tmp_path / "data" / "eval").exists()
+    with pytest.raises(SystemExit):
+        main(["--params", str(params), "materialize", "--category", "synthetic/fabric"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dagster_dev_loads_the_code_location(tmp_path):
+    """`dagster dev` starts, loads pipelines.definitions and serves its assets over GraphQL."""
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "ADPIPE_PARAMS": str(ROOT / "params.yaml")}
+    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-p", str(port),
+                             "-h", "127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+    try:
+        deadline, nodes = time.time() + 120, None
+        while time.time() < deadline and nodes is None:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                                 headers={"Content-Type": "application/json"})
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+                nodes = body["data"]["assetNodes"] or None
+            except (OSError, KeyError, TypeError, ValueError):
+                time.sleep(1)
+        assert nodes, "dagster dev did not serve the asset graph within 120 s"
+        assert {n["assetKey"]["path"][0] for n in nodes} == {"dataset", "model", "evaluation", "report"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_dvc_repro_rebuilds_and_then_does_nothing(tmp_path):
+    """In a fresh git repository: `dvc repro` builds data/, a second one does nothing, and
+    `dvc metrics show` / `dvc plots show` read the report's outputs."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "ad_models", repo / "ad_models", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(repo, categories=["synthetic/granite"], methods=["mean_image"])
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(str(BIN / "dvc"), "init", "-q")
+    run(str(BIN / "dvc"), "config", "core.analytics", "false")
+    first = run(str(BIN / "dvc"), "repro")
+    assert "Running stage 'train@mean_image-synthetic/granite'" in first
+    assert (repo / "data" / "reports" / "report.html").is_file()
+    second = run(str(BIN / "dvc"), "repro")
+    assert "Running stage" not in second and "up to date" in second
+    shown = run(str(BIN / "dvc"), "metrics", "show", "--json")
+    metrics = json.loads(shown)
+    values = next(iter(metrics.values()))["data"]["data/reports/metrics.json"]["data"]
+    assert 0.0 <= values["synthetic/granite"]["mean_image"]["image_auroc"] <= 1.0
+    plots = run(str(BIN / "dvc"), "plots", "show", "--json")
+    assert "mean_image__synthetic__granite.csv" in plots
