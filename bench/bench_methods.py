@@ -1,0 +1,84 @@
+"""Methods side by side: metrics, training time and inference throughput on real code paths.
+
+    python bench/bench_methods.py                                  # built-in categories, pfm/pefm/mean_image
+    python bench/bench_methods.py --magnetic-tile ../shared/data/magnetic_tile --image-size 256
+    python bench/bench_methods.py --methods pfm --epochs 5 20 50   # an epochs sweep
+
+Prepares each dataset under bench/results/ (not data/: benchmarks never touch the pipeline's
+outputs), trains with ad_models.runs.train, evaluates with ad_models.runs.evaluate, and prints one
+row per (dataset/category, method, epochs) plus a JSON file with everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ad_models import runs  # noqa: E402
+from ad_models.data.sources import prepare_category  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--categories", nargs="*", default=["fabric", "granite", "circuit"],
+                        help="built-in synthetic categories (none: skip)")
+    parser.add_argument("--magnetic-tile", help="folder of the magnetic tile dataset (MT_* folders)")
+    parser.add_argument("--limit-per-kind", type=int, default=None, help="magnetic tile subset size")
+    parser.add_argument("--methods", nargs="+", default=["pfm", "pefm", "mean_image"])
+    parser.add_argument("--epochs", nargs="+", type=int, default=[10])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=str(RESULTS / "methods.json"))
+    args = parser.parse_args()
+
+    datasets = [("synthetic", c, {}) for c in args.categories]
+    if args.magnetic_tile:
+        datasets.append(("magnetic_tile", "tile", {"source_dir": args.magnetic_tile,
+                                                   "limit_per_kind": args.limit_per_kind}))
+    rows = []
+    header = (f"{'dataset/category':24} {'method':10} {'ep':>4} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7} "
+              f"{'F1max':>6} {'train s':>8} {'img/s':>7}")
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, image size {args.image_size}")
+    print(header)
+    for source, category, options in datasets:
+        dataset_dir = RESULTS / "datasets" / source / category
+        start = time.perf_counter()
+        manifest = prepare_category(source, category, dataset_dir, **options)
+        prep = time.perf_counter() - start
+        print(f"# {source}/{category}: {runs.split_counts(manifest)} prepared in {prep:.1f} s", flush=True)
+        for method in args.methods:
+            for epochs in (args.epochs if method != "mean_image" else [0]):
+                config = {"image_size": args.image_size}
+                if epochs:
+                    config["epochs"] = epochs
+                model_dir = RESULTS / "models" / method / source / category
+                eval_dir = RESULTS / "eval" / method / source / category
+                log = runs.train(method, config, dataset_dir, model_dir, device=args.device, progress=False)
+                result = runs.evaluate(model_dir, dataset_dir, eval_dir, device=args.device, progress=False)
+                row = {"dataset": f"{source}/{category}", "method": method, "epochs": epochs, **result,
+                       "train_seconds": log["train_seconds"],
+                       "images_per_second": 1000.0 / result["inference_ms_per_image"]}
+                rows.append(row)
+                print(f"{row['dataset']:24} {method:10} {epochs:>4} {row['image_auroc']:>9.4f} "
+                      f"{row['pixel_auroc']:>9.4f} {row['aupro']:>7.4f} {row['f1_max']:>6.3f} "
+                      f"{row['train_seconds']:>8.1f} {row['images_per_second']:>7.1f}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2, default=str))
+    print(f"# written {out}")
+
+
+if __name__ == "__main__":
+    main()
