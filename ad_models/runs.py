@@ -21,6 +21,7 @@ import pandas as pd
 from ad_models import metrics
 from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
+from ad_models.data.sources import mvtec_loco
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import create_method, load_method
 
@@ -82,6 +83,19 @@ def _gallery_indices(labels: np.ndarray, scores: np.ndarray, defect_types: list[
     return (chosen[: max(n - 1, 1)] + good[:1])[:n]
 
 
+def _loco_metrics(dataset_dir, test_rows: pd.DataFrame, pred: dict, size: int) -> dict[str, Any]:
+    """MVTec LOCO's own evaluation: AU-sPRO at FPR 0.05 and 0.3 and image AUROC, logical and
+    structural apart (their mean is the headline figure, as in the official script)."""
+    regions = [mvtec_loco.load_spro_regions(dataset_dir, m, size=size) for m in test_rows.mask_path]
+    auspros = metrics.loco_auspros(pred["maps"], regions, pred["defect_types"], fpr_limits=(0.05, 0.3))
+    aurocs = metrics.loco_image_aurocs(pred["labels"], pred["scores"], pred["defect_types"])
+    out: dict[str, Any] = {f"auspro_{limit:g}": auspros["mean"][limit] for limit in (0.05, 0.3)}
+    for kind in ("logical", "structural"):
+        out[f"image_auroc_{kind}"] = aurocs[kind]
+        out.update({f"auspro_{limit:g}_{kind}": auspros[kind][limit] for limit in (0.05, 0.3)})
+    return out
+
+
 def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
              *, device: str = "auto", batch_size: int = 8, gallery_size: int = 6,
              progress: bool = True) -> dict[str, Any]:
@@ -99,6 +113,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     for defect in sorted(set(pred["defect_types"]) - {"good"}):
         keep = np.array([d in (defect, "good") for d in pred["defect_types"]])
         per_defect[defect] = metrics.evaluate(labels[keep], scores[keep])["image_auroc"]
+    if (Path(dataset_dir) / mvtec_loco.DEFECTS_CONFIG).is_file():
+        result.update(_loco_metrics(dataset_dir, test_rows, pred, size))
     training_log = read_json(Path(model_dir) / "training_log.json")
     result.update(
         method=model.name, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),

@@ -10,16 +10,23 @@ from pathlib import Path
 
 import dagster as dg
 
-from ad_models.data.layout import DatasetError, read_manifest, validate_manifest
+import pandas as pd
+
+from ad_models.data.layout import DatasetError, count_problems, count_table, read_manifest, validate_manifest
+from ad_models.data.sources import expected_counts
 
 DATASET_VALID = "manifest_is_valid"
+COUNTS_AS_PUBLISHED = "counts_as_published"
 BETTER_THAN_CHANCE = "better_than_chance"
 
 
 def dataset_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     return [dg.AssetCheckSpec(DATASET_VALID, asset=asset,
                               description="Every image decodes, defects have masks of the image's size, "
-                                          "train/good is not empty.")]
+                                          "train/good is not empty."),
+            dg.AssetCheckSpec(COUNTS_AS_PUBLISHED, asset=asset,
+                              description="Image counts per split and defect type equal the publisher's "
+                                          "(a truncated archive fails, naming what is missing).")]
 
 
 def evaluation_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -34,6 +41,20 @@ def check_dataset(folder: Path) -> dg.AssetCheckResult:
     except (DatasetError, FileNotFoundError) as e:
         return dg.AssetCheckResult(check_name=DATASET_VALID, passed=False, metadata={"problem": str(e)[:2000]})
     return dg.AssetCheckResult(check_name=DATASET_VALID, passed=True, metadata={"images": len(manifest)})
+
+
+def check_counts(source: str, category: str, manifest: pd.DataFrame) -> dg.AssetCheckResult:
+    counts = count_table(manifest)
+    expected = expected_counts(source, category)
+    if expected is None:
+        return dg.AssetCheckResult(check_name=COUNTS_AS_PUBLISHED, passed=True,
+                                   metadata={"note": f"{source} publishes no counts for {category}",
+                                             "counts": dg.MetadataValue.json(counts)})
+    problems = count_problems(manifest, expected)
+    metadata = {"counts": dg.MetadataValue.json(counts), "expected": dg.MetadataValue.json(expected)}
+    if problems:
+        metadata["problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in problems))
+    return dg.AssetCheckResult(check_name=COUNTS_AS_PUBLISHED, passed=not problems, metadata=metadata)
 
 
 def check_evaluation(metrics: dict) -> dg.AssetCheckResult:

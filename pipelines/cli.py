@@ -1,6 +1,7 @@
 """`adpipe`: run the Dagster asset graph in-process, the same code the UI and `dvc repro` run.
 
     adpipe materialize                                   # the whole graph, every partition
+    adpipe materialize --select raw_dataset,dataset --category mvtec_ad/bottle
     adpipe materialize --select dataset --category synthetic/fabric
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
@@ -14,7 +15,7 @@ import argparse
 import os
 import sys
 
-ORDER = ["dataset", "model", "evaluation", "report"]
+ORDER = ["raw_dataset", "dataset", "model", "evaluation", "report"]
 
 
 def _instance():
@@ -51,6 +52,11 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
                        resources=resources, instance=instance)
 
     select = [s for s in ORDER if s in select]
+    if "raw_dataset" in select:  # the raw datasets behind the chosen categories; generated ones have none
+        raw = params.raw_datasets()
+        for dataset in dict.fromkeys(c.split("/", 1)[0] for c in categories):
+            if dataset in raw:
+                run(["raw_dataset"], dataset)
     if "dataset" in select:
         for category in categories:
             run(["dataset"], category)

@@ -15,7 +15,9 @@ from pipelines.resources import AdpipeResource
 
 
 def build_assets(params: Params) -> list[dg.AssetsDefinition]:
-    return [datasets.build(params), models.build(params), evaluation.build(params), report.build(params)]
+    raw = datasets.build_raw(params)  # None when every dataset is generated
+    return ([raw] if raw else []) + [datasets.build(params), models.build(params), evaluation.build(params),
+                                     report.build(params)]
 
 
 def build_definitions(params: Params, device: str = "", progress: bool = True) -> dg.Definitions:

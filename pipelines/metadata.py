@@ -6,16 +6,21 @@ from pathlib import Path
 
 import cv2
 import dagster as dg
+import numpy as np
 
 
 def png_preview(path: Path, max_width: int = 480) -> dg.MetadataValue:
     """An inline, downscaled PNG as markdown, so the UI shows it without opening files."""
-    image = cv2.imread(str(path))
+    return image_preview(cv2.imread(str(path)), path.name, max_width)
+
+
+def image_preview(image: np.ndarray, name: str, max_width: int = 480) -> dg.MetadataValue:
+    """A BGR image array as inline markdown, downscaled to `max_width`."""
     if image.shape[1] > max_width:
         scale = max_width / image.shape[1]
         image = cv2.resize(image, (max_width, max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA)
     ok, data = cv2.imencode(".png", image)
-    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{base64.b64encode(data.tobytes()).decode()})")
+    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data.tobytes()).decode()})")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> dg.MetadataValue:

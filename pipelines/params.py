@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
+PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
 KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation"}
 
 
@@ -27,7 +28,7 @@ class Params:
     device: str
     data_root: Path
     datasets: dict[str, dict[str, Any]]  # name -> {"source": ..., "options": {...}}
-    categories: list[str]  # "<dataset>/<category>", the category partitions
+    categories: list[str]  # "<dataset>/<category>[.<view>]", the category partitions
     methods: list[str]  # the method partitions
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
@@ -53,12 +54,25 @@ class Params:
     def source_of(self, category: str) -> tuple[str, str, dict[str, Any]]:
         """(source module, category within it, options) for a "<dataset>/<category>" key."""
         dataset, name = category.split("/", 1)
+        source, options = self.dataset_source(dataset)
+        # "{category}" in a string option, e.g. a user folder per category: good_dir: lines/{category}/ok
+        bare = name.partition(".")[0]
+        options = {k: v.replace("{category}", bare) if isinstance(v, str) else v for k, v in options.items()}
+        return source, name, options
+
+    def dataset_source(self, dataset: str) -> tuple[str, dict[str, Any]]:
+        """(source module, options) of a dataset, paths in the options resolved."""
         spec = self.datasets[dataset]
         options = dict(spec.get("options") or {})
-        for key in ("source_dir", "raw_dir"):  # paths in options are relative to params.yaml too
+        for key in PATH_OPTIONS:  # paths in options are relative to params.yaml too
             if options.get(key):
                 options[key] = str(self._resolve(options[key]))
-        return spec["source"], name, options
+        return spec["source"], options
+
+    def raw_datasets(self) -> list[str]:
+        """Datasets read from a download, an archive or a folder (not generated): the raw partitions."""
+        from ad_models.data.sources import has_raw
+        return [name for name in self.datasets if has_raw(*self.dataset_source(name))]
 
     def _resolve(self, path: str | os.PathLike) -> Path:
         path = Path(os.path.expanduser(str(path)))
@@ -77,7 +91,7 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     if unknown:
         raise ParamsError(f"{path}: unknown keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
 
-    from ad_models.data.sources import SOURCES
+    from ad_models.data.sources import SOURCES, check_category
     from ad_models.methods import METHODS
 
     datasets = raw.get("datasets") or {}
@@ -89,10 +103,12 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     for key in categories:
         dataset, _, name = str(key).partition("/")
         if dataset not in datasets or not name:
-            problems.append(f"{key!r} (want '<dataset>/<category>' with <dataset> in {sorted(datasets)})")
-        elif name not in SOURCES[datasets[dataset]["source"]].CATEGORIES:
-            problems.append(f"{key!r} (known categories of {dataset}: "
-                            f"{list(SOURCES[datasets[dataset]['source']].CATEGORIES)})")
+            problems.append(f"{key!r} (want '<dataset>/<category>[.<view>]' with <dataset> in {sorted(datasets)})")
+            continue
+        try:
+            check_category(datasets[dataset]["source"], name)
+        except ValueError as e:
+            problems.append(f"{key!r}: {e}")
     methods = list(raw.get("methods") or [])
     problems += [f"method {m!r} (known: {sorted(METHODS)})" for m in methods if m not in METHODS]
     if not categories or not methods:

@@ -16,6 +16,21 @@ def category_partitions(params: Params) -> dg.StaticPartitionsDefinition:
     return dg.StaticPartitionsDefinition(params.categories)
 
 
+def raw_partitions(params: Params) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(params.raw_datasets())
+
+
+def raw_of_category(params: Params) -> dg.StaticPartitionMapping:
+    """A category partition reads the raw partition of its dataset; generated datasets have none."""
+    raw = set(params.raw_datasets())
+    categories: dict[str, set[str]] = {name: set() for name in raw}
+    for category in params.categories:
+        dataset = category.split("/", 1)[0]
+        if dataset in raw:
+            categories[dataset].add(category)
+    return dg.StaticPartitionMapping({name: keys for name, keys in categories.items() if keys})
+
+
 def model_partitions(params: Params) -> dg.MultiPartitionsDefinition:
     # keys read "category|method": Dagster joins dimensions in alphabetical order of their names
     return dg.MultiPartitionsDefinition({"category": category_partitions(params),

@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools
+import re
+import socket
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,18 +31,49 @@ def shared_data() -> Path:
 def http_server(tmp_path, monkeypatch):
     """A real HTTP server on 127.0.0.1 serving a fresh folder.
 
-    Yields a namespace: `root` (the served folder), `url` (its base URL) and `requests`
-    (the paths asked for, in order)."""
+    Yields a namespace: `root` (the served folder), `url` (its base URL), `requests` (the paths
+    asked for, in order), `headers` (each request's headers, a dict, in the same order), `ranges`
+    (set False to make the server ignore `Range` and always answer 200 with the whole file) and
+    `cut` ({path: k}: the next GET of that path announces the full Content-Length, sends only k
+    bytes of the body and closes the connection, like a dropped download). Files are answered with
+    `Range: bytes=N-` support: 206 + Content-Range, or 416 when N is at or past the end."""
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     root = tmp_path / "served"
     root.mkdir()
-    requests: list[str] = []
+    state = SimpleNamespace(root=root, requests=[], headers=[], ranges=True, cut={})
 
     class Handler(SimpleHTTPRequestHandler):
         def do_GET(self):
-            requests.append(self.path)
-            super().do_GET()
+            state.requests.append(self.path)
+            state.headers.append(dict(self.headers))
+            path = Path(self.translate_path(self.path))
+            if not path.is_file():
+                return super().do_GET()  # 404s and folder listings as usual
+            data = path.read_bytes()
+            start = 0
+            match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            if match and state.ranges:
+                start = int(match[1])
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            cut = state.cut.pop(self.path, None)
+            self.wfile.write(body if cut is None else body[:cut])
+            if cut is not None:
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)  # the client sees the body end early
 
         def log_message(self, *args):  # keep pytest output clean
             pass
@@ -48,8 +81,9 @@ def http_server(tmp_path, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield SimpleNamespace(root=root, url=f"http://127.0.0.1:{server.server_address[1]}", requests=requests)
+        yield state
     finally:
         server.shutdown()
         server.server_close()

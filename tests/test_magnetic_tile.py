@@ -109,11 +109,21 @@ def test_download_extract_and_restructure(source, tmp_path, http_server):
     df = prepare_category("magnetic_tile", "tile", tmp_path / "tile", **options)
     assert len(df) == 4 + 2 * len(mt.DEFECT_KINDS)
     assert (raw / mt.ARCHIVE_NAME).read_bytes() == archive.read_bytes()
-    assert sorted(p.name for p in raw.iterdir()) == [mt.ARCHIVE_NAME]  # the extraction is cleaned up
+    # extracted once beside the archive, for every later category and run
+    assert sorted(p.name for p in raw.iterdir()) == ["Magnetic-tile-defect-datasets.-master", mt.ARCHIVE_NAME]
 
-    archive.unlink()  # a verified cached archive is used without asking the server again
+    archive.unlink()  # the verified extraction is reused without asking the server again
     again = prepare_category("magnetic_tile", "tile", tmp_path / "tile", **options)
     assert again.equals(df) and http_server.requests == ["/master.zip"]
+
+    (raw / mt.ARCHIVE_NAME).unlink()  # the user's own copy of the archive works the same
+    mine = tmp_path / "my_copy.zip"
+    with zipfile.ZipFile(mine, "w") as zf:
+        for p in sorted(staging.parent.rglob("*")):
+            zf.write(p, p.relative_to(staging.parent).as_posix())
+    from_archive = prepare_category("magnetic_tile", "tile", tmp_path / "tile2", archive=mine,
+                                    raw_dir=tmp_path / "raw2", progress=False)
+    assert len(from_archive) == len(df) and http_server.requests == ["/master.zip"]
 
 
 def test_incomplete_source_and_bad_options(source, tmp_path):

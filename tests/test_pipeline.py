@@ -42,14 +42,16 @@ def test_default_params_define_the_graph():
     defs = build_definitions(load_params(ROOT / "params.yaml"))
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"dataset", "model", "evaluation", "report"}
+    assert keys == {"raw_dataset", "dataset", "model", "evaluation", "report"}
+    # magnetic tile is configured (a download) but not among the categories; synthetic is generated
+    assert graph.get(dg.AssetKey("raw_dataset")).partitions_def.get_partition_keys() == ["magnetic_tile"]
     model = graph.get(dg.AssetKey("model"))
     assert set(model.partitions_def.get_partition_keys()) >= {"synthetic/fabric|pfm", "synthetic/circuit|pefm"}
     assert {k.to_user_string() for k in model.parent_keys} == {"dataset"}
 
 
 def test_bad_params_are_clear(tmp_path):
-    with pytest.raises(ParamsError, match="known categories of synthetic"):
+    with pytest.raises(ParamsError, match="unknown category 'nope'.*known: fabric, granite, circuit"):
         load_params(write_params(tmp_path, categories=["synthetic/nope"]))
     with pytest.raises(ParamsError, match="method 'nope'"):
         load_params(write_params(tmp_path, methods=["nope"]))
@@ -132,7 +134,7 @@ def test_dagster_dev_loads_the_code_location(tmp_path):
             except (OSError, KeyError, TypeError, ValueError):
                 time.sleep(1)
         assert nodes, "dagster dev did not serve the asset graph within 120 s"
-        assert {n["assetKey"]["path"][0] for n in nodes} == {"dataset", "model", "evaluation", "report"}
+        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "dataset", "model", "evaluation", "report"}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

@@ -101,7 +101,7 @@ def test_good_images_vary_naturally(category):
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="fabric, granite, circuit"):
         prepare_category("synthetic", "carpet", tmp_path / "x")
-    with pytest.raises(ValueError, match="magnetic_tile, synthetic"):
+    with pytest.raises(ValueError, match="known sources: dagm, folder, magnetic_tile, mvtec_3d, mvtec_ad"):
         prepare_category("mvtec", "bottle", tmp_path / "x")
     with pytest.raises(ValueError, match="n_train"):
         synthetic.prepare("fabric", tmp_path / "x", n_train=0)

@@ -11,14 +11,16 @@ Layout of one category folder (`root`):
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.io import atomic_path
+from ad_models.io import atomic_dir, atomic_path
 
 COLUMNS = ["path", "split", "label", "defect_type", "mask_path", "category", "dataset"]
 SPLITS = ("train", "validation", "test")
@@ -214,3 +216,115 @@ def read_manifest(root: str | os.PathLike) -> pd.DataFrame:
     df["path"] = [(root / p).as_posix() for p in df["path"]]
     df["mask_path"] = [(root / p).as_posix() if p else "" for p in df["mask_path"]]
     return df
+
+
+# ----------------------------------------------------------------------------- building a category folder
+
+TRANSFER_MODES = ("copy", "mask", "png")
+
+
+def _binary_mask(source: Path) -> tuple[np.ndarray | None, bool]:
+    """(0/255 mask, whether the file already is exactly that as a single-channel PNG), or
+    (None, False) when unreadable."""
+    mask = read_image_file(source, cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        return None, False
+    if mask.ndim == 3:  # a colour mask: defective where any colour channel is set (alpha ignored)
+        mask = mask[..., :3].max(axis=2)
+    elif (source.suffix.lower() == ".png" and mask.dtype == np.uint8
+          and bool(((mask == 0) | (mask == 255)).all())):
+        return mask, True
+    return np.where(mask > 0, 255, 0).astype(np.uint8), False
+
+
+def _transfer(job: tuple[Path, Path, str]) -> str | None:
+    """Carry out one job; the source's name when it cannot be read or written, else None."""
+    source, dest, mode = job
+    if mode == "copy":
+        try:
+            shutil.copyfile(source, dest)
+        except OSError:
+            return str(source)
+        return None
+    if mode == "mask":
+        mask, already = _binary_mask(source)
+        if mask is None:
+            return str(source)
+        if already:  # byte copy: re-encoding a 1024x1024 PNG costs far more than reading it
+            shutil.copyfile(source, dest)
+            return None
+        return None if cv2.imwrite(str(dest), mask) else str(source)
+    image = read_image_file(source, cv2.IMREAD_UNCHANGED)  # "png": convert a format we do not keep as is
+    return None if image is not None and cv2.imwrite(str(dest), image) else str(source)
+
+
+def transfer_files(jobs: list[tuple[Path, Path, str]], workers: int | None = None) -> None:
+    """Carry out (source, destination, mode) jobs in a thread pool (file I/O and cv2 release the GIL).
+
+    Modes: "copy" copies the bytes; "mask" writes a single-channel 0/255 PNG (any nonzero pixel is
+    defective), copying the bytes when the source already is one; "png" re-encodes an image as PNG.
+    Raises DatasetError listing every source that could not be read or written."""
+    bad_modes = sorted({mode for _, _, mode in jobs} - set(TRANSFER_MODES))
+    if bad_modes:
+        raise ValueError(f"unknown transfer modes {bad_modes}; known: {TRANSFER_MODES}")
+    for folder in sorted({Path(dest).parent for _, dest, _ in jobs}):
+        folder.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        failed = [f for f in pool.map(_transfer, [(Path(s), Path(d), m) for s, d, m in jobs], chunksize=8) if f]
+    if failed:
+        raise DatasetError("cannot read or write these files:\n" + _listing("files", sorted(failed)))
+
+
+def write_category(
+    out_dir: str | os.PathLike, category: str, dataset: str, fill: Callable[[Path], None]
+) -> pd.DataFrame:
+    """Build the category folder `out_dir` atomically and return its manifest.
+
+    `fill(tmp)` writes the images and masks into an empty temporary folder beside `out_dir`; the
+    folder is then scanned, validated and given its manifest, and only then replaces `out_dir`
+    whole. Any error leaves the previous `out_dir` (if any) untouched."""
+    with atomic_dir(out_dir) as tmp:
+        fill(tmp)
+        df = scan_category(tmp, category, dataset)
+        validate_manifest(df)
+        write_manifest(df, tmp)
+    return read_manifest(out_dir)
+
+
+# ----------------------------------------------------------------------------- expected image counts
+
+ANY_DEFECT = "test/*"  # key for "all defective test images, whatever their type"
+
+
+def count_table(df: pd.DataFrame) -> dict[str, int]:
+    """Images per `<split>/<defect_type>` (e.g. "train/good", "test/crack"): the key format of
+    each source's EXPECTED_COUNTS."""
+    keys = df["split"].astype(str) + "/" + df["defect_type"].astype(str)
+    return {key: int(n) for key, n in sorted(keys.value_counts().items())}
+
+
+def count_problems(df: pd.DataFrame, expected: dict[str, int]) -> list[str]:
+    """Differences between a manifest's counts and `expected`, one readable line each; empty when
+    they agree. Reports short and missing folders and folders that nobody expected.
+
+    `expected` may use the key "test/*" for the number of defective test images whatever their
+    type (for datasets whose per-type counts are not published); defect types are then not
+    reported as unexpected."""
+    actual = count_table(df)
+
+    def is_defective_test(key: str) -> bool:
+        return key.startswith("test/") and key != "test/good"
+
+    problems = []
+    for key, n in expected.items():
+        have = sum(v for k, v in actual.items() if is_defective_test(k)) if key == ANY_DEFECT else actual.get(key, 0)
+        label = "defective test images (all types)" if key == ANY_DEFECT else key
+        if have == 0 and n > 0:
+            problems.append(f"{label}: missing, expected {n} images")
+        elif have != n:
+            problems.append(f"{label}: {have} images, expected {n}")
+    for key, have in actual.items():
+        if key not in expected and not (ANY_DEFECT in expected and is_defective_test(key)):
+            problems.append(f"{key}: {have} images, none expected")
+    return problems

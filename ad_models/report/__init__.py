@@ -23,6 +23,8 @@ from ad_models.io import atomic_path, read_json, write_json, write_text  # noqa:
 
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"),
                  ("f1_max", "F1-max"), ("train_seconds", "training s"), ("inference_ms_per_image", "ms / image")]
+# shown only for categories whose evaluation has them (MVTec LOCO: sPRO)
+OPTIONAL_COLUMNS = [("auspro_0.05", "sPRO@0.05"), ("auspro_0.3", "sPRO@0.3")]
 DVC_METRICS = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "train_seconds", "inference_ms_per_image"]
 
 
@@ -69,22 +71,25 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
     categories = []
     for category in dict.fromkeys(e.category for e in entries):
         rows, curves, galleries = [], {}, []
+        results = {e.method: read_json(e.folder / "metrics.json") for e in entries if e.category == category}
+        columns = TABLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in m for m in results.values())]
         for entry in (e for e in entries if e.category == category):
-            m = read_json(entry.folder / "metrics.json")
-            all_metrics.setdefault(category, {})[entry.method] = {k: m.get(k) for k in DVC_METRICS}
-            rows.append({"method": entry.method, "cells": [_fmt(m.get(k)) for k, _ in TABLE_COLUMNS],
+            m = results[entry.method]
+            all_metrics.setdefault(category, {})[entry.method] = {
+                k: m.get(k) for k in DVC_METRICS + [k for k, _ in OPTIONAL_COLUMNS] if k in m}
+            rows.append({"method": entry.method, "cells": [_fmt(m.get(k)) for k, _ in columns],
                          "per_defect": m.get("image_auroc_per_defect_type", {})})
             curves[entry.method] = pd.read_csv(entry.folder / "roc.csv")
             galleries.append({"method": entry.method,
                               "uri": _png_data_uri((entry.folder / "gallery.png").read_bytes())})
-        categories.append({"name": category, "rows": rows, "roc": _roc_figure(curves, category),
+        categories.append({"name": category, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
                            "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]})})
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("ad_models.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         title=title, generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        columns=[label for _, label in TABLE_COLUMNS], categories=categories, fmt=_fmt)
+        categories=categories, fmt=_fmt)
 
     write_text(out_dir / "report.html", html)
     write_json(out_dir / "metrics.json", all_metrics)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.data.download import download_file, extract_archive
+from ad_models.data.download import RawArchive, fetch_source, raw_folder
 from ad_models.data.layout import read_image_file, read_manifest, scan_category, validate_manifest, write_manifest
 from ad_models.io import atomic_dir
 
@@ -31,8 +30,12 @@ CATEGORIES: tuple[str, ...] = ("tile",)
 DATASET = "magnetic_tile"
 URL = "https://github.com/abin24/Magnetic-tile-defect-datasets./archive/refs/heads/master.zip"
 ARCHIVE_NAME = "Magnetic-tile-defect-datasets.-master.zip"
+RAW = RawArchive(url=URL, filename=ARCHIVE_NAME)  # a branch archive: GitHub publishes no checksum
 DEFECT_KINDS = ("Blowhole", "Break", "Crack", "Fray", "Uneven")
 KINDS = ("Free",) + DEFECT_KINDS
+# published: 952 defect-free images; the good split is that of the default test_good_fraction 0.2
+EXPECTED_COUNTS = {"tile": {"train/good": 755, "test/good": 197, "test/blowhole": 115, "test/break": 85,
+                            "test/crack": 57, "test/fray": 32, "test/uneven": 103}}
 
 
 def is_test_good(name: str, test_good_fraction: float) -> bool:
@@ -95,16 +98,20 @@ def prepare(
     *,
     seed: int = 0,
     source_dir: str | os.PathLike | None = None,
-    url: str = URL,
+    archive: str | os.PathLike | None = None,
+    url: str | None = None,
     sha256: str | None = None,
+    md5: str | None = None,
+    archive_name: str | None = None,
     raw_dir: str | os.PathLike | None = None,
     test_good_fraction: float = 0.2,
     limit_per_kind: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Restructure the dataset into `out_dir` (the category folder, replaced whole) and return
-    its manifest. Reads `source_dir` when given, else downloads `url` into `raw_dir` (default:
-    `<out_dir>/../_raw`), reusing an archive already there when it matches `sha256`.
+    its manifest. Reads `source_dir` (an extracted copy) or `archive` (the user's copy of the
+    archive) when given, else downloads `url` (default: the repository's archive) into `raw_dir`
+    (default: `<out_dir>/../_raw`); the extracted folder is reused by later calls.
 
     `seed` is accepted like every source's but changes nothing: the test set of a real dataset
     must stay the same whatever seed a training run uses."""
@@ -115,16 +122,10 @@ def prepare(
     if limit_per_kind is not None and (type(limit_per_kind) is not int or limit_per_kind < 1):
         raise ValueError(f"limit_per_kind must be None or an int >= 1, got {limit_per_kind!r}")
     out_dir = Path(out_dir)
-    options = dict(test_good_fraction=test_good_fraction, limit_per_kind=limit_per_kind)
-
-    if source_dir is not None:
-        _prepare_from(find_source_root(source_dir), out_dir, category, options)
-    else:
-        raw_dir = Path(raw_dir) if raw_dir is not None else out_dir.parent / "_raw"
-        archive = download_file(url, raw_dir / ARCHIVE_NAME, sha256=sha256, progress=progress)
-        with tempfile.TemporaryDirectory(prefix=".extract-", dir=raw_dir) as tmp:  # gone after restructuring
-            extracted = extract_archive(archive, Path(tmp) / "extracted")
-            _prepare_from(find_source_root(extracted), out_dir, category, options)
+    extracted = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
+                             sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    _prepare_from(find_source_root(extracted), out_dir, category,
+                  dict(test_good_fraction=test_good_fraction, limit_per_kind=limit_per_kind))
     return read_manifest(out_dir)
 
 
