@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -31,7 +32,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ad_models.data.sources import dagm, mvtec_3d, mvtec_ad, visa  # noqa: E402
+from ad_models.data.sources import dagm, mvtec_3d, mvtec_ad, mvtec_loco, visa  # noqa: E402
 from ad_models.io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "restructure.json"
@@ -93,6 +94,24 @@ def build_mvtec_ad(root: Path, scale: float) -> dict:
             nbytes += _write(root / category / split / defect / f"{i:03d}.png", images, i)
             if defect != "good":
                 nbytes += _write(root / category / "ground_truth" / defect / f"{i:03d}_mask.png", masks, i)
+    return dict(category=category, image_size=size, format="png", bytes=nbytes)
+
+
+def build_mvtec_loco(root: Path, scale: float) -> dict:
+    """breakfast_box at 1600x1280: per-region ground-truth folders and defects_config.json."""
+    category, size = "breakfast_box", (1280, 1600)
+    images, regions = _encoded_images(size, ".png"), _encoded_masks(size, value=1)
+    nbytes = 0
+    folder = root / "mvtec_loco_anomaly_detection" / category
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / mvtec_loco.DEFECTS_CONFIG).write_text(json.dumps([
+        {"defect_name": "any", "pixel_value": 1, "saturation_threshold": 1.0, "relative_saturation": True}]))
+    for key, count in mvtec_loco.EXPECTED_COUNTS[category].items():
+        split, defect = key.split("/")
+        for i in range(_n(count, scale)):
+            nbytes += _write(folder / split / defect / f"{i:03d}.png", images, i)
+            if split == "test" and defect != "good":
+                nbytes += _write(folder / "ground_truth" / defect / f"{i:03d}" / "000.png", regions, i)
     return dict(category=category, image_size=size, format="png", bytes=nbytes)
 
 
@@ -176,6 +195,7 @@ def build_folder(root: Path, scale: float) -> dict:
 
 SOURCES = {
     "mvtec_ad": (build_mvtec_ad, lambda raw: dict(source_dir=raw)),
+    "mvtec_loco": (build_mvtec_loco, lambda raw: dict(source_dir=raw)),
     "mvtec_3d": (build_mvtec_3d, lambda raw: dict(source_dir=raw)),
     "visa": (build_visa, lambda raw: dict(source_dir=raw)),
     "dagm": (build_dagm, lambda raw: dict(source_dir=raw)),
