@@ -47,9 +47,10 @@ class Params:
     def report_dir(self) -> Path:
         return self.data_root / "reports"
 
-    @property
-    def raw_dir(self) -> Path:
-        return self.data_root / "raw"
+    def raw_dir(self, dataset: str) -> Path:
+        """Where a dataset's archive and its extraction live: its `raw_dir` option, else data/raw/<dataset>."""
+        _, options = self.dataset_source(dataset)
+        return Path(options.get("raw_dir") or self.data_root / "raw" / dataset)
 
     def source_of(self, category: str) -> tuple[str, str, dict[str, Any]]:
         """(source module, category within it, options) for a "<dataset>/<category>" key."""

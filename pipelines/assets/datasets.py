@@ -29,7 +29,7 @@ def build_raw(params: Params) -> dg.AssetsDefinition | None:
         p = adpipe.params
         dataset = context.partition_key
         source, options = p.dataset_source(dataset)
-        raw_dir = options.get("raw_dir") or p.raw_dir / dataset
+        raw_dir = p.raw_dir(dataset)
         context.log.info(f"fetching {dataset} (source {source!r}) into {raw_dir}")
         folder = fetch_raw(source, raw_dir, options, progress=adpipe.progress)
         files, size = _folder_summary(folder)
@@ -63,7 +63,7 @@ def build(params: Params) -> dg.AssetsDefinition:
         source, name, options = p.source_of(category)
         options.setdefault("seed", p.seed)
         if source != "synthetic":
-            options.setdefault("raw_dir", str(p.raw_dir / category.split("/")[0]))
+            options["raw_dir"] = str(p.raw_dir(category.split("/", 1)[0]))
             options.setdefault("progress", adpipe.progress)
         folder = p.dataset_dir(category)
         context.log.info(f"preparing {category} from source {source!r} into {folder}")

@@ -23,8 +23,7 @@ import numpy as np
 import pandas as pd
 
 from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import read_image_file, read_manifest, scan_category, validate_manifest, write_manifest
-from ad_models.io import atomic_dir
+from ad_models.data.layout import read_image_file, write_category
 
 CATEGORIES: tuple[str, ...] = ("tile",)
 DATASET = "magnetic_tile"
@@ -124,14 +123,6 @@ def prepare(
     out_dir = Path(out_dir)
     extracted = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
                              sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
-    _prepare_from(find_source_root(extracted), out_dir, category,
-                  dict(test_good_fraction=test_good_fraction, limit_per_kind=limit_per_kind))
-    return read_manifest(out_dir)
-
-
-def _prepare_from(root: Path, out_dir: Path, category: str, options: dict) -> None:
-    with atomic_dir(out_dir) as tmp:
-        _restructure(root, tmp, **options)
-        df = scan_category(tmp, category, DATASET)
-        validate_manifest(df)
-        write_manifest(df, tmp)
+    root = find_source_root(extracted)
+    return write_category(out_dir, category, DATASET, lambda tmp: _restructure(
+        root, tmp, test_good_fraction=test_good_fraction, limit_per_kind=limit_per_kind))

@@ -18,6 +18,7 @@ so the same seed gives byte-identical PNGs and changing one count does not chang
 """
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +27,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.data.layout import read_manifest, scan_category, validate_manifest, write_manifest
-from ad_models.io import atomic_dir
+from ad_models.data.layout import write_category
 
 CATEGORIES: tuple[str, ...] = ("fabric", "granite", "circuit")
 DEFECT_TYPES: dict[str, tuple[str, ...]] = {
@@ -587,7 +587,7 @@ def prepare(
     for t, (defect_type, n) in enumerate(zip(types, _counts(n_test_defect, len(types)))):
         jobs += [("test", defect_type, t + 1, i) for i in range(n)]
 
-    def write(job: tuple[str, str, int, int]) -> None:
+    def write(tmp: Path, job: tuple[str, str, int, int]) -> None:
         split, defect_type, t, i = job
         rng = np.random.default_rng([seed, cat, _SPLIT_CODES[split], t, i])
         image, mask = make_image(category, defect_type, size, rng)
@@ -595,16 +595,13 @@ def prepare(
         if defect_type != "good":
             cv2.imwrite(str(tmp / "ground_truth" / defect_type / f"{i:03d}_mask.png"), mask.astype(np.uint8) * 255)
 
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    def fill(tmp: Path) -> None:
         for split, defect_type, _, _ in jobs:
             (tmp / split / defect_type).mkdir(parents=True, exist_ok=True)
             if defect_type != "good":
                 (tmp / "ground_truth" / defect_type).mkdir(parents=True, exist_ok=True)
         # each image has its own generator, so threads change the speed, never the pixels
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            list(pool.map(write, jobs))
-        df = scan_category(tmp, category, DATASET)
-        validate_manifest(df)
-        write_manifest(df, tmp)
-    return read_manifest(out_dir)
+            list(pool.map(functools.partial(write, tmp), jobs))
+
+    return write_category(out_dir, category, DATASET, fill)
