@@ -22,6 +22,7 @@ __all__ = [
     "pixel_auroc",
     "aupro",
     "f1_max",
+    "f1_max_threshold",
     "roc_points",
     "evaluate",
 ]
@@ -154,6 +155,11 @@ def roc_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def f1_max(labels: Any, scores: Any) -> float:
     """Best F1 over all thresholds (predict defective where score >= threshold)."""
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
+    """(best F1, the lowest score predicted defective at it): predict defective where score >= threshold."""
     labels, scores = _check_image_level(labels, scores)
     n_pos = int(labels.sum())
     if n_pos == 0:
@@ -166,7 +172,9 @@ def f1_max(labels: Any, scores: Any) -> float:
     last_of_run = np.append(scores[1:] != scores[:-1], True)
     tp, predicted = tp[last_of_run], predicted[last_of_run]
     # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive)
-    return float((2 * tp / (predicted + n_pos)).max())
+    f1 = 2 * tp / (predicted + n_pos)
+    best = int(f1.argmax())
+    return float(f1[best]), float(scores[last_of_run][best])
 
 
 # ------------------------------------------------------------------ AU-PRO

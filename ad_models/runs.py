@@ -4,7 +4,8 @@ These are the library calls behind the pipeline's `model` and `evaluation` asset
 benchmarks: each reads a category folder (MVTec layout + manifest.csv) and writes one folder,
 atomically, so an interrupted run leaves the previous complete version.
 
-Model folder:      config.json, weights.pt, training_log.json
+Model folder:      config.json, weights.pt, training_log.json, calibration.json (thresholds set on
+                   the synthetic defect bank, when there is one)
 Evaluation folder: metrics.json, scores.csv (one row per test image), roc.csv (image-level ROC),
                    gallery.png (test images, anomaly maps, ground truth)
 """
@@ -22,8 +23,11 @@ from ad_models import metrics
 from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
 from ad_models.data.sources import mvtec_loco
+from ad_models.defects.bank import read_bank
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import create_method, load_method
+
+CALIBRATION = "calibration.json"
 
 
 def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
@@ -36,21 +40,78 @@ def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
 
 
 def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          *, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`."""
+          *, bank_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True,
+          batch_size: int = 8) -> dict[str, Any]:
+    """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`.
+
+    With a defect bank (`bank_dir`), its held-out images are left out of training, the bank (plus
+    any validation/good images) is the validation data a method may select checkpoints on, and
+    the saved model gets thresholds calibrated on it (`calibration.json`).
+    """
     manifest = read_manifest(dataset_dir)
     model = create_method(method, config)
     size = model.config.image_size
-    train_set = ImageDataset(manifest[manifest.split == "train"], size)
+    train_rows = manifest[manifest.split == "train"]
     valid_rows = manifest[manifest.split == "validation"]
+    held_out: list[str] = []
+    if bank_dir is not None:
+        bank, held_out = read_bank(bank_dir)
+        root = Path(dataset_dir).absolute()
+        excluded = {(root / p).as_posix() for p in held_out}
+        train_rows = train_rows[~train_rows.path.isin(excluded)]
+        valid_rows = pd.concat([bank, valid_rows], ignore_index=True)
     valid_set = ImageDataset(valid_rows, size) if len(valid_rows) else None
-    log = model.fit(train_set, valid_set, device=device, progress=progress)
-    log.update(method=method, dataset_dir=str(dataset_dir), counts=split_counts(manifest),
-               provenance=model.provenance)
+    log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
+    counts = split_counts(manifest)
+    counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
+    log.update(method=method, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance)
+    calibration = None
+    if valid_set is not None and len(set(valid_set.labels)) == 2:
+        calibration = calibrate(model, valid_set, batch_size, progress)
+        log["calibration"] = calibration
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
         write_json(tmp / "training_log.json", log)
+        if calibration is not None:
+            write_json(tmp / CALIBRATION, calibration)
     return log
+
+
+def calibrate(model, valid: ImageDataset, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Image and pixel thresholds that maximise F1 on validation data with (synthetic) defects.
+
+    Predict "defective" where score >= threshold. Also records how the model ranks the bank
+    (image/pixel AUROC), the figure a user sees before any real defect exists.
+    """
+    pred = model.predict_dataset(valid, batch_size, progress, desc=f"{model.name}: calibrate")
+    labels, scores, maps, masks = pred["labels"], pred["scores"], pred["maps"], pred["masks"]
+    image_f1, image_threshold = metrics.f1_max_threshold(labels, scores)
+    step = max(1, maps.shape[-1] // 128)  # about 128 x 128 pixels per image is plenty for a threshold
+    pixel_f1, pixel_threshold = metrics.f1_max_threshold(masks[:, ::step, ::step].ravel(),
+                                                         maps[:, ::step, ::step].ravel())
+    return {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
+            "bank_image_f1": image_f1, "bank_pixel_f1": pixel_f1,
+            "bank_image_auroc": metrics.image_auroc(labels, scores),
+            "bank_pixel_auroc": metrics.pixel_auroc(masks, maps),
+            "bank_good": int((labels == 0).sum()), "bank_defective": int((labels == 1).sum())}
+
+
+def thresholded_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+                        calibration: dict[str, Any]) -> dict[str, float]:
+    """Test-set decisions at the bank-calibrated thresholds: what a deployed model would do."""
+    predicted = scores >= calibration["image_threshold"]
+    tp = int((predicted & (labels == 1)).sum())
+    fp = int((predicted & (labels == 0)).sum())
+    positives = int((labels == 1).sum())
+    out = {"image_threshold": float(calibration["image_threshold"]),
+           "precision_at_threshold": tp / max(tp + fp, 1), "recall_at_threshold": tp / max(positives, 1),
+           "good_pass_rate_at_threshold": float((~predicted[labels == 0]).mean()) if (labels == 0).any() else float("nan")}
+    out["f1_at_threshold"] = (2 * out["precision_at_threshold"] * out["recall_at_threshold"]
+                              / max(out["precision_at_threshold"] + out["recall_at_threshold"], 1e-12))
+    pixels = maps >= calibration["pixel_threshold"]
+    inter, union = int((pixels & masks).sum()), int((pixels | masks).sum())
+    out["pixel_iou_at_threshold"] = inter / union if union else float("nan")
+    return out
 
 
 def _colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -115,6 +176,9 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
         per_defect[defect] = metrics.evaluate(labels[keep], scores[keep])["image_auroc"]
     if (Path(dataset_dir) / mvtec_loco.DEFECTS_CONFIG).is_file():
         result.update(_loco_metrics(dataset_dir, test_rows, pred, size))
+    calibration_file = Path(model_dir) / CALIBRATION
+    if calibration_file.is_file():
+        result.update(thresholded_metrics(labels, scores, pred["masks"], pred["maps"], read_json(calibration_file)))
     training_log = read_json(Path(model_dir) / "training_log.json")
     result.update(
         method=model.name, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),

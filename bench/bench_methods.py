@@ -3,10 +3,13 @@
     python bench/bench_methods.py                                  # built-in categories, pfm/pefm/mean_image
     python bench/bench_methods.py --magnetic-tile ../shared/data/magnetic_tile --image-size 256
     python bench/bench_methods.py --methods pfm --epochs 5 20 50   # an epochs sweep
+    python bench/bench_methods.py --methods ndpnet pfm --method-config '{"ndpnet": {"phase1_epochs": 40}}'
 
-Prepares each dataset under bench/results/ (not data/: benchmarks never touch the pipeline's
-outputs), trains with ad_models.runs.train, evaluates with ad_models.runs.evaluate, and prints one
-row per (dataset/category, method, epochs) plus a JSON file with everything.
+Prepares each dataset and its synthetic defect bank under bench/results/ (not data/: benchmarks
+never touch the pipeline's outputs), trains with ad_models.runs.train (bank held out, thresholds
+calibrated on it), evaluates with ad_models.runs.evaluate, and prints one row per
+(dataset/category, method, epochs) plus a JSON file with everything. `--epochs` sets the `epochs`
+option of the methods that have one; `--method-config` sets anything else per method.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import torch  # noqa: E402
 
 from ad_models import runs  # noqa: E402
 from ad_models.data.sources import prepare_category  # noqa: E402
+from ad_models.defects.bank import build_bank  # noqa: E402
+from ad_models.methods import method_class  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,6 +43,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["pfm", "pefm", "mean_image"])
     parser.add_argument("--epochs", nargs="+", type=int, default=[10])
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--method-config", type=json.loads, default={},
+                        help='JSON {method: {option: value}} merged over the defaults')
+    parser.add_argument("--bank-size", type=int, default=256, help="image size of the defect bank")
+    parser.add_argument("--foreground", nargs="*", default=["circuit"], help="categories whose bank keeps "
+                        "defects on the object")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(RESULTS / "methods.json"))
     args = parser.parse_args()
@@ -48,7 +58,7 @@ def main() -> None:
                                                    "limit_per_kind": args.limit_per_kind}))
     rows = []
     header = (f"{'dataset/category':24} {'method':10} {'ep':>4} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7} "
-              f"{'F1max':>6} {'train s':>8} {'img/s':>7}")
+              f"{'F1max':>6} {'F1@thr':>6} {'good ok':>7} {'train s':>8} {'img/s':>7}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, image size {args.image_size}")
     print(header)
@@ -57,15 +67,20 @@ def main() -> None:
         start = time.perf_counter()
         manifest = prepare_category(source, category, dataset_dir, **options)
         prep = time.perf_counter() - start
+        bank_dir = RESULTS / "defects" / source / category
+        build_bank(dataset_dir, bank_dir, {"image_size": args.bank_size,
+                                           "foreground": category in args.foreground}, progress=False)
         print(f"# {source}/{category}: {runs.split_counts(manifest)} prepared in {prep:.1f} s", flush=True)
         for method in args.methods:
-            for epochs in (args.epochs if method != "mean_image" else [0]):
-                config = {"image_size": args.image_size}
+            has_epochs = "epochs" in method_class(method).Config.__dataclass_fields__
+            for epochs in (args.epochs if has_epochs else [0]):
+                config = {"image_size": args.image_size, **args.method_config.get(method, {})}
                 if epochs:
                     config["epochs"] = epochs
                 model_dir = RESULTS / "models" / method / source / category
                 eval_dir = RESULTS / "eval" / method / source / category
-                log = runs.train(method, config, dataset_dir, model_dir, device=args.device, progress=False)
+                log = runs.train(method, config, dataset_dir, model_dir, bank_dir=bank_dir, device=args.device,
+                                 progress=False)
                 result = runs.evaluate(model_dir, dataset_dir, eval_dir, device=args.device, progress=False)
                 row = {"dataset": f"{source}/{category}", "method": method, "epochs": epochs, **result,
                        "train_seconds": log["train_seconds"],
@@ -73,6 +88,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{row['dataset']:24} {method:10} {epochs:>4} {row['image_auroc']:>9.4f} "
                       f"{row['pixel_auroc']:>9.4f} {row['aupro']:>7.4f} {row['f1_max']:>6.3f} "
+                      f"{row.get('f1_at_threshold', float('nan')):>6.3f} "
+                      f"{row.get('good_pass_rate_at_threshold', float('nan')):>7.3f} "
                       f"{row['train_seconds']:>8.1f} {row['images_per_second']:>7.1f}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

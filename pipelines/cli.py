@@ -2,7 +2,7 @@
 
     adpipe materialize                                   # the whole graph, every partition
     adpipe materialize --select raw_dataset,dataset --category mvtec_ad/bottle
-    adpipe materialize --select dataset --category synthetic/fabric
+    adpipe materialize --select dataset,defect_bank --category synthetic/fabric
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
 
@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-ORDER = ["raw_dataset", "dataset", "model", "evaluation", "report"]
+ORDER = ["raw_dataset", "dataset", "defect_bank", "model", "evaluation", "report"]
 
 
 def _instance():
@@ -57,9 +57,10 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
         for dataset in dict.fromkeys(c.split("/", 1)[0] for c in categories):
             if dataset in raw:
                 run(["raw_dataset"], dataset)
-    if "dataset" in select:
+    per_category = [s for s in ("dataset", "defect_bank") if s in select]
+    if per_category:
         for category in categories:
-            run(["dataset"], category)
+            run(per_category, category)
     per_model = [s for s in ("model", "evaluation") if s in select]
     if per_model:
         for category in categories:

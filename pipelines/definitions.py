@@ -9,14 +9,14 @@ import os
 
 import dagster as dg
 
-from pipelines.assets import datasets, evaluation, models, report
+from pipelines.assets import datasets, defects, evaluation, models, report
 from pipelines.params import Params, load_params
 from pipelines.resources import AdpipeResource
 
 
 def build_assets(params: Params) -> list[dg.AssetsDefinition]:
     raw = datasets.build_raw(params)  # None when every dataset is generated
-    return ([raw] if raw else []) + [datasets.build(params), models.build(params), evaluation.build(params),
+    return ([raw] if raw else []) + [datasets.build(params), defects.build(params), models.build(params), evaluation.build(params),
                                      report.build(params)]
 
 

@@ -14,7 +14,8 @@ import yaml
 
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
 PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
-KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation"}
+KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation",
+              "defect_bank"}
 
 
 class ParamsError(ValueError):
@@ -32,10 +33,21 @@ class Params:
     methods: list[str]  # the method partitions
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    defect_bank: dict[str, Any] = field(default_factory=dict)  # BankConfig options + per_category overrides
 
     # -- where things live under data/ ---------------------------------------------------------
     def dataset_dir(self, category: str) -> Path:
         return self.data_root / "datasets" / category
+
+    def bank_dir(self, category: str) -> Path:
+        return self.data_root / "defects" / category
+
+    def bank_config(self, category: str) -> dict[str, Any]:
+        """The defect bank's options for a category: the defaults, then its `per_category` entry."""
+        options = {k: v for k, v in self.defect_bank.items() if k != "per_category"}
+        options.update((self.defect_bank.get("per_category") or {}).get(category) or {})
+        options.setdefault("seed", self.seed)
+        return options
 
     def model_dir(self, method: str, category: str) -> Path:
         return self.data_root / "models" / method / category
@@ -121,5 +133,12 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
 
     params = Params(file=path, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")),
                     data_root=Path(), datasets=datasets, categories=categories, methods=methods,
-                    method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {})
+                    method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
+                    defect_bank=raw.get("defect_bank") or {})
+    from ad_models.defects.bank import BankConfig
+    for category in categories:  # a typo in the bank's options fails here, not mid-run
+        try:
+            BankConfig.from_dict(params.bank_config(category))
+        except (TypeError, ValueError) as e:
+            raise ParamsError(f"{path}: defect_bank for {category}: {e}") from e
     return Params(**{**params.__dict__, "data_root": params._resolve(raw.get("data_root", "data"))})

@@ -29,6 +29,7 @@ TINY = {
     "methods": ["pfm", "mean_image"],
     "method_config": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}},
     "evaluation": {"batch_size": 4, "gallery_size": 3},
+    "defect_bank": {"image_size": 64, "min_holdout": 2, "per_category": {"synthetic/circuit": {"foreground": True}}},
 }
 
 
@@ -42,12 +43,12 @@ def test_default_params_define_the_graph():
     defs = build_definitions(load_params(ROOT / "params.yaml"))
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"raw_dataset", "dataset", "model", "evaluation", "report"}
+    assert keys == {"raw_dataset", "dataset", "defect_bank", "model", "evaluation", "report"}
     # magnetic tile is configured (a download) but not among the categories; synthetic is generated
     assert graph.get(dg.AssetKey("raw_dataset")).partitions_def.get_partition_keys() == ["magnetic_tile"]
     model = graph.get(dg.AssetKey("model"))
     assert set(model.partitions_def.get_partition_keys()) >= {"synthetic/fabric|pfm", "synthetic/circuit|pefm"}
-    assert {k.to_user_string() for k in model.parent_keys} == {"dataset"}
+    assert {k.to_user_string() for k in model.parent_keys} == {"dataset", "defect_bank"}
 
 
 def test_bad_params_are_clear(tmp_path):
@@ -65,16 +66,21 @@ def test_whole_graph_end_to_end(tmp_path):
     assets = list(defs.assets)
     instance = dg.DagsterInstance.ephemeral()
     for category in params.categories:
-        result = dg.materialize(assets, selection=[dg.AssetKey("dataset")], partition_key=category,
-                                resources=defs.resources, instance=instance)
+        result = dg.materialize(assets, selection=[dg.AssetKey("dataset"), dg.AssetKey("defect_bank")],
+                                partition_key=category, resources=defs.resources, instance=instance)
         meta = result.asset_materializations_for_node("dataset")[0].metadata
         assert meta["train_good"].value == 10 and meta["test_defective"].value == 8
         assert all(c.passed for c in result.get_asset_check_evaluations())
+        bank = result.asset_materializations_for_node("defect_bank")[0].metadata
+        assert bank["held_out_good"].value == 2 and bank["defective"].value == 4
+        assert bank["train_remaining"].value == 8 and "data:image/png;base64," in bank["preview"].value
     for category in params.categories:
         for method in params.methods:
             result = dg.materialize(assets, selection=[dg.AssetKey("model"), dg.AssetKey("evaluation")],
                                     partition_key=model_partition_key(category, method),
                                     resources=defs.resources, instance=instance)
+            trained = result.asset_materializations_for_node("model")[0].metadata
+            assert trained["train_images"].value == 8 and 0 <= trained["bank_image_auroc"].value <= 1
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0.0 <= meta["image_auroc"].value <= 1.0
             assert "data:image/png;base64," in meta["gallery"].value
@@ -83,7 +89,8 @@ def test_whole_graph_end_to_end(tmp_path):
     data = tmp_path / "data"
     for method in params.methods:
         model_dir = data / "models" / method / "synthetic" / "fabric"
-        assert {"config.json", "weights.pt", "training_log.json"} <= {p.name for p in model_dir.iterdir()}
+        assert {"config.json", "weights.pt", "training_log.json", "calibration.json"} <= {
+            p.name for p in model_dir.iterdir()}
         metrics = json.loads((data / "eval" / method / "synthetic" / "fabric" / "metrics.json").read_text())
         assert metrics["n_test"] == 12 and set(metrics["image_auroc_per_defect_type"]) == {
             "scratch", "hole", "stain", "crack"}
@@ -99,7 +106,7 @@ def test_whole_graph_end_to_end(tmp_path):
 def test_cli_runs_a_selection(tmp_path):
     from pipelines.cli import main
     params = write_params(tmp_path, categories=["synthetic/granite"], methods=["mean_image"])
-    assert main(["--params", str(params), "materialize", "--select", "dataset,model"]) == 0
+    assert main(["--params", str(params), "materialize", "--select", "dataset,defect_bank,model"]) == 0
     assert (tmp_path / "data" / "models" / "mean_image" / "synthetic" / "granite" / "weights.pt").is_file()
     assert not (tmp_path / "data" / "eval").exists()
     with pytest.raises(SystemExit):
@@ -134,7 +141,8 @@ def test_dagster_dev_loads_the_code_location(tmp_path):
             except (OSError, KeyError, TypeError, ValueError):
                 time.sleep(1)
         assert nodes, "dagster dev did not serve the asset graph within 120 s"
-        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "dataset", "model", "evaluation", "report"}
+        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "dataset", "defect_bank", "model",
+                                                            "evaluation", "report"}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)

@@ -30,6 +30,7 @@ def loco_params(tmp_path, http_server):
         "categories": [f"loco/{CATEGORY}", f"loco/{CATEGORY}.structural", "synthetic/granite"],
         "methods": ["mean_image"],
         "method_config": {"mean_image": {"image_size": 32}},
+        "defect_bank": {"image_size": 32, "min_holdout": 2},
     }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -62,7 +63,7 @@ def test_loco_through_the_graph(loco_params):
     assert len(downloads) == 1
 
     for category in params.categories[:2]:
-        result = _materialize(defs, ["dataset"], category)
+        result = _materialize(defs, ["dataset", "defect_bank"], category)
         checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
         assert checks["manifest_is_valid"].passed
         # the test tree is a few images per folder: far from the published counts, and the check says so
@@ -87,7 +88,7 @@ def test_loco_through_the_graph(loco_params):
     assert 0.0 <= view["auspro_0.3_structural"] <= 1.0
 
     for category in params.categories[2:]:
-        _materialize(defs, ["dataset"], category)
+        _materialize(defs, ["dataset", "defect_bank"], category)
         _materialize(defs, ["model", "evaluation"], model_partition_key(category, "mean_image"))
     assert _materialize(defs, ["report"]).success
     html = (params.report_dir / "report.html").read_text()

@@ -9,7 +9,8 @@ from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
 
-HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "inference_ms_per_image"]
+HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_at_threshold", "good_pass_rate_at_threshold",
+            "image_threshold", "inference_ms_per_image"]
 
 
 def build(params: Params) -> dg.AssetsDefinition:

@@ -9,18 +9,20 @@ from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model
 from pipelines.resources import AdpipeResource
 
 
-def loss_summary(losses: list[list[float]], rows: int = 8) -> dg.MetadataValue:
-    """A few evenly spaced epochs of the per-level loss curve, first and last included."""
+def loss_summary(losses: list[list[float]], columns: list[str] | None = None, rows: int = 8) -> dg.MetadataValue:
+    """A few evenly spaced epochs of the loss curve (one column per term), first and last included."""
     step = max(1, (len(losses) - 1) // (rows - 1)) if len(losses) > 1 else 1
     picked = sorted(set(list(range(0, len(losses), step)) + [len(losses) - 1]))
     levels = len(losses[0]) if losses else 0
-    return markdown_table(["epoch"] + [f"level {i + 1}" for i in range(levels)] + ["total"],
+    columns = columns or [f"level {i + 1}" for i in range(levels)]
+    return markdown_table(["epoch"] + list(columns) + ["total"],
                           [[e + 1] + list(losses[e]) + [sum(losses[e])] for e in picked])
 
 
 def build(params: Params) -> dg.AssetsDefinition:
     @dg.asset(name="model", group_name="models", partitions_def=model_partitions(params),
-              deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
+              deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL),
+                    dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
               description="A trained model: weights, config (with weight provenance) and training log.")
     def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
         p = adpipe.params
@@ -28,7 +30,8 @@ def build(params: Params) -> dg.AssetsDefinition:
         folder = p.model_dir(method, category)
         context.log.info(f"training {method} on {category} (device {adpipe.torch_device}) into {folder}")
         log = runs.train(method, p.method_config.get(method), p.dataset_dir(category), folder,
-                         device=adpipe.torch_device, progress=adpipe.progress)
+                         bank_dir=p.bank_dir(category), device=adpipe.torch_device, progress=adpipe.progress,
+                         batch_size=int(p.evaluation.get("batch_size", 8)))
         metadata = {"path": dg.MetadataValue.path(str(folder)),
                     "train_images": log["counts"]["train"],
                     "train_seconds": dg.MetadataValue.float(log["train_seconds"]),
@@ -36,7 +39,16 @@ def build(params: Params) -> dg.AssetsDefinition:
                     "weights": dg.MetadataValue.json(log["provenance"])}
         if log.get("loss_per_epoch"):
             metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])
-            metadata["loss_curve"] = loss_summary(log["loss_per_epoch"])
+            metadata["loss_curve"] = loss_summary(log["loss_per_epoch"], log.get("loss_columns"))
+        if log.get("calibration"):
+            calibration = log["calibration"]
+            metadata.update({k: dg.MetadataValue.float(float(v)) for k, v in calibration.items()
+                             if k.startswith(("bank_image", "bank_pixel")) or k.endswith("threshold")})
+        if log.get("checkpoint_selection"):
+            metadata["checkpoint_selection"] = markdown_table(
+                ["epoch", "bank image AUROC", "bank pixel AUROC"],
+                [[s["epoch"], s["image_auroc"], s["pixel_auroc"]] for s in log["checkpoint_selection"]])
+            metadata["selected_epoch"] = log["selected_epoch"]
         return dg.MaterializeResult(metadata=metadata)
 
     return model
