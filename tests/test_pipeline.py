@@ -103,6 +103,30 @@ def test_whole_graph_end_to_end(tmp_path):
     assert not list(data.rglob("*.tmp")), "temporary files left behind"
 
 
+def test_ndpnet_through_the_graph(tmp_path):
+    """NDP-Net as a partition like any other: trained beside its bank, calibrated, evaluated, reported."""
+    ndpnet = {"image_size": 64, "widths": [8, 8, 16, 16, 16], "ffm_channels": 8, "phase1_epochs": 1,
+              "phase2_epochs": 2, "batch_size": 4, "select_every": 1}
+    params = load_params(write_params(tmp_path, categories=["synthetic/fabric"], methods=["ndpnet"],
+                                      method_config={"ndpnet": ndpnet}))
+    defs = build_definitions(params, device="cpu", progress=False)
+    assets, instance = list(defs.assets), dg.DagsterInstance.ephemeral()
+    assert dg.materialize(assets, selection=[dg.AssetKey("dataset"), dg.AssetKey("defect_bank")],
+                          partition_key="synthetic/fabric", resources=defs.resources, instance=instance).success
+    result = dg.materialize(assets, selection=[dg.AssetKey("model"), dg.AssetKey("evaluation")],
+                            partition_key=model_partition_key("synthetic/fabric", "ndpnet"),
+                            resources=defs.resources, instance=instance)
+    trained = result.asset_materializations_for_node("model")[0].metadata
+    assert trained["selected_epoch"].value in (1, 2) and "bank image AUROC" in trained["checkpoint_selection"].value
+    assert "def_per" in trained["loss_curve"].value
+    assert "tf_efficientnet_lite0" in trained["weights"].value["perceptual"]
+    evaluated = result.asset_materializations_for_node("evaluation")[0].metadata
+    assert 0 <= evaluated["image_auroc"].value <= 1 and 0 <= evaluated["f1_at_threshold"].value <= 1
+    assert dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources,
+                          instance=instance).success
+    assert "ndpnet" in (tmp_path / "data" / "reports" / "report.html").read_text()
+
+
 def test_cli_runs_a_selection(tmp_path):
     from pipelines.cli import main
     params = write_params(tmp_path, categories=["synthetic/granite"], methods=["mean_image"])
