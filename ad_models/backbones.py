@@ -158,3 +158,38 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.body((images - self.mean) / self.std)
 
+
+
+def first_available_network(choice, candidates: dict[str, dict], role: str, pretrained: bool = True
+                            ) -> tuple[str | dict, FeatureExtractor, dict[str, object]]:
+    """A frozen network for `role` (e.g. a perceptual loss): `choice` is a name of `candidates`, a
+    backbone dict, or "auto" = the first candidate whose pretrained weights load (in order).
+
+    Returns (the resolved choice, to save in the method's config so `load` rebuilds the same
+    network; the network; provenance {role: "name (weights source)", role_not_used: [why]}).
+    Without `pretrained` (a model being loaded: weights come from its checkpoint) "auto" cannot be
+    resolved by trying, so it means the first candidate.
+    """
+    if isinstance(choice, dict):
+        tried = [(choice, choice)]
+    elif choice == "auto":
+        tried = list(candidates.items())[: None if pretrained else 1]
+    elif choice in candidates:
+        tried = [(choice, candidates[choice])]
+    else:
+        raise ValueError(f"{role} must be 'auto', one of {sorted(candidates)} or a backbone dict, not {choice!r}")
+    errors = []
+    for name, spec in tried:
+        config = BackboneConfig.from_dict(spec)
+        if not pretrained:
+            config = BackboneConfig(config.name, config.out_indices, pretrained=False)
+        try:
+            net = FeatureExtractor(config)
+        except BackboneWeightsError as e:
+            errors.append(f"{config.name}: {str(e).splitlines()[0]}")
+            continue
+        provenance: dict[str, object] = {role: f"{net.config.name} ({net.weights_source})"}
+        if errors:  # say why the preferred network was not used
+            provenance[f"{role}_not_used"] = errors
+        return name, net, provenance
+    raise BackboneWeightsError(f"no pretrained network for the {role}:\n  - " + "\n  - ".join(errors))

@@ -26,6 +26,7 @@ from ad_models.data.sources import mvtec_loco
 from ad_models.defects.bank import read_bank
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import create_method, load_method
+from ad_models.methods.base import can_select_on
 
 CALIBRATION = "calibration.json"
 
@@ -66,7 +67,7 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
     log.update(method=method, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance)
     calibration = None
-    if valid_set is not None and len(set(valid_set.labels)) == 2:
+    if can_select_on(valid_set):
         calibration = calibrate(model, valid_set, batch_size, progress)
         log["calibration"] = calibration
     with atomic_dir(out_dir) as tmp:

@@ -10,11 +10,12 @@ from pathlib import Path
 from ad_models.io import read_json
 from ad_models.methods.base import AnomalyMethod
 from ad_models.methods.baseline import MeanImage
+from ad_models.methods.esad import ESAD
 from ad_models.methods.ndpnet import NDPNet
 from ad_models.methods.pefm import PEFM
 from ad_models.methods.pfm import PFM
 
-METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, MeanImage)}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, ESAD, MeanImage)}
 
 
 def method_class(name: str) -> type[AnomalyMethod]:

@@ -58,10 +58,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ad_models import metrics
-from ad_models.backbones import BackboneConfig, BackboneWeightsError, FeatureExtractor
+from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectSynthesizer
-from ad_models.methods.base import (AnomalyMethod, autocast, image_batches, resolve_device,
+from ad_models.methods.base import (AnomalyMethod, autocast, can_select_on, images_in_memory, resolve_device,
                                     seed_everything)
 
 PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
@@ -322,28 +321,10 @@ class NDPNet(AnomalyMethod):
 
     # -- training -----------------------------------------------------------------------------
     def _perceptual_network(self) -> FeatureExtractor:
-        choice = self.config.perceptual
-        if isinstance(choice, dict):
-            candidates = [("custom", choice)]
-        elif choice == "auto":
-            candidates = list(PERCEPTUAL_NETWORKS.items())
-        elif choice in PERCEPTUAL_NETWORKS:
-            candidates = [(choice, PERCEPTUAL_NETWORKS[choice])]
-        else:
-            raise ValueError(f"perceptual must be 'auto', one of {sorted(PERCEPTUAL_NETWORKS)} or a backbone dict, "
-                             f"not {choice!r}")
-        errors = []
-        for name, spec in candidates:
-            try:
-                net = FeatureExtractor(BackboneConfig.from_dict(spec))
-            except BackboneWeightsError as e:
-                errors.append(f"{name}: {str(e).splitlines()[0]}")
-                continue
-            self.provenance["perceptual"] = f"{net.config.name} ({net.weights_source})"
-            if errors:  # say why VGG-16 was not used
-                self.provenance["perceptual_not_used"] = errors
-            return net
-        raise BackboneWeightsError("no pretrained network for the perceptual loss:\n  - " + "\n  - ".join(errors))
+        """Only training needs it, so it is not part of the saved weights."""
+        _, net, provenance = first_available_network(self.config.perceptual, PERCEPTUAL_NETWORKS, "perceptual")
+        self.provenance.update(provenance)
+        return net
 
     @torch.no_grad()
     def _choose_reference(self, images: torch.Tensor, perceptual: FeatureExtractor) -> int:
@@ -361,9 +342,7 @@ class NDPNet(AnomalyMethod):
         self.to(resolve_device(device))
         generator = seed_everything(cfg.seed)
         start = time.perf_counter()
-        # the whole training set as uint8 in memory: decoded once, 4x smaller than float
-        images = torch.stack([(self._resize(train[i]["image"][None])[0] * 255).round().to(torch.uint8).cpu()
-                              for i in range(len(train))])
+        images = images_in_memory(train, self._resize)
         n = len(images)
         perceptual = self._perceptual_network().to(self.device)
         reference = self._choose_reference(images.float() / 255, perceptual)
@@ -404,7 +383,7 @@ class NDPNet(AnomalyMethod):
                                      weight_decay=cfg.weight_decay)
         for module in trained:
             module.train()
-        selectable = valid is not None and len(set(getattr(valid, "labels", []))) == 2
+        selectable = can_select_on(valid)
         phase2: list[list[float]] = []
         selection: list[dict[str, float]] = []
         best = (-1.0, None)
@@ -430,7 +409,7 @@ class NDPNet(AnomalyMethod):
             bar.set_postfix(rec=f"{phase2[-1][0]:.4f}", seg=f"{phase2[-1][3]:.4f}")
             last = epoch + 1 == cfg.phase2_epochs
             if selectable and ((epoch + 1) % cfg.select_every == 0 or last):
-                score = self._validation_score(valid)
+                score = self.validation_score(valid, self.config.batch_size)
                 selection.append({"epoch": epoch + 1, **score})
                 if score["selection_score"] > best[0]:
                     best = (score["selection_score"], copy.deepcopy(self.net.state_dict()))
@@ -450,13 +429,6 @@ class NDPNet(AnomalyMethod):
                 "final_loss": float(np.dot([cfg.w_rec, cfg.w_per, cfg.w_fea_rep, cfg.w_seg], phase2[-1])),
                 "reference_image": self.reference_path, "checkpoint_selection": selection,
                 "selected_epoch": chosen["epoch"] if chosen else cfg.phase2_epochs}
-
-    def _validation_score(self, valid: Dataset) -> dict[str, float]:
-        """Mean of image and pixel AUROC on a validation set with defects (the synthetic bank)."""
-        pred = self.predict_dataset(valid, batch_size=self.config.batch_size, progress=False)
-        image = metrics.image_auroc(pred["labels"], pred["scores"])
-        pixel = metrics.pixel_auroc(pred["masks"], pred["maps"])
-        return {"image_auroc": image, "pixel_auroc": pixel, "selection_score": (image + pixel) / 2}
 
     # -- persistence ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
