@@ -169,7 +169,11 @@ def test_dagster_dev_loads_the_code_location(tmp_path):
                                                             "evaluation", "report"}
     finally:
         os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine can make the graceful shutdown slow
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
 
 
 @pytest.mark.slow
