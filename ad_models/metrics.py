@@ -212,6 +212,22 @@ def _top_negative_runs(neg: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, n
     return top[run_start], n_ge, np.append(n_ge[1:], 0)
 
 
+def _overlap_above(pos: np.ndarray, weights: np.ndarray, n_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positive-pixel scores sorted ascending, and above[i] = the mean region overlap (PRO, or
+    sPRO with saturating weights) when predicting pos[i:]: suffix sums of each pixel's share of
+    its region, over the number of regions, clipped at 1."""
+    order = np.argsort(pos, kind="stable")
+    pos, weights = pos[order], weights[order]
+    del order
+    if pos.dtype.kind == "f" and pos.size and np.isnan(pos[-1]):  # NaN sorts last
+        raise ValueError("maps contain NaN")
+    above = np.zeros(pos.size + 1)
+    np.cumsum(weights[::-1], out=above[-2::-1])
+    above /= n_regions
+    np.clip(above, None, 1.0, out=above)
+    return pos, above
+
+
 def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve up to `fpr_limit`, as in MVTec AD.
 
@@ -229,18 +245,7 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
         raise UndefinedMetricError("aupro needs defect regions, but all masks are empty")
 
     # Positives: scores ascending with the PRO mass above each position.
-    pos = maps[masks]
-    order = np.argsort(pos)
-    pos = pos[order]
-    if pos.dtype.kind == "f" and np.isnan(pos[-1]):
-        raise ValueError("maps contain NaN")
-    weights = weights[order]
-    del order
-    # pro_above[i] = PRO when predicting pos[i:] (suffix sums, summed from the top)
-    pro_above = np.zeros(pos.size + 1)
-    np.cumsum(weights[::-1], out=pro_above[-2::-1])
-    pro_above /= n_regions
-    np.clip(pro_above, None, 1.0, out=pro_above)
+    pos, pro_above = _overlap_above(maps[masks], weights, n_regions)
     del weights
 
     neg = _sort_in_place(maps[~masks])
@@ -390,20 +395,8 @@ def _spro_points(maps: list[np.ndarray], regions: list[list[tuple[np.ndarray, fl
     if n_regions == 0:
         raise UndefinedMetricError("sPRO needs defect regions, but no image has any")
 
-    pos = np.concatenate(pos_scores)
-    weights = np.concatenate(pos_weights)
+    pos, spro_above = _overlap_above(np.concatenate(pos_scores), np.concatenate(pos_weights), n_regions)
     del pos_scores, pos_weights
-    if pos.dtype.kind == "f" and np.isnan(pos).any():
-        raise ValueError("maps contain NaN")
-    order = np.argsort(pos, kind="stable")
-    pos, weights = pos[order], weights[order]
-    del order
-    # spro_above[i] = sPRO when predicting pos[i:] (suffix sums, summed from the top)
-    spro_above = np.zeros(pos.size + 1)
-    np.cumsum(weights[::-1], out=spro_above[-2::-1])
-    spro_above /= n_regions
-    np.clip(spro_above, None, 1.0, out=spro_above)
-    del weights
 
     # Negatives: every defect-free pixel, copied once into a preallocated array and sorted there.
     n_neg = sum(int(f.sum()) for f in defect_free)

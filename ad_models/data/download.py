@@ -423,6 +423,14 @@ def fetch_extracted(raw: RawArchive, raw_dir: str | os.PathLike, *, source_dir: 
     return target
 
 
+def fetch_for_category(official: RawArchive | None, out_dir: str | os.PathLike, *,
+                       raw_dir: str | os.PathLike | None = None, **options) -> Path:
+    """`fetch_source` for a source's `prepare(category, out_dir, ...)`: raw data in `raw_dir`, by
+    default the `_raw` folder beside the category folder. `options`: source_dir, archive, url,
+    sha256, md5, archive_name, progress (an unknown one is a TypeError naming it)."""
+    return fetch_source(official, raw_folder(Path(out_dir), raw_dir), **options)
+
+
 def raw_folder(out_dir: Path, raw_dir: str | os.PathLike | None) -> Path:
     """Where a dataset's archive and extraction live: `raw_dir`, default `<out_dir>/../_raw`,
     shared by every category of the dataset."""

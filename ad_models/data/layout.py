@@ -297,6 +297,20 @@ def write_category(
 ANY_DEFECT = "test/*"  # key for "all defective test images, whatever their type"
 
 
+def write_jobs(out_dir: str | os.PathLike, category: str, dataset: str,
+               jobs: list[tuple[Path, Path, str]]) -> pd.DataFrame:
+    """A category folder made of `(source, path inside the folder, mode)` jobs (see `transfer_files`),
+    written atomically by `write_category`; returns its manifest."""
+    def fill(tmp: Path) -> None:
+        transfer_files([(source, tmp / rel, mode) for source, rel, mode in jobs])
+    return write_category(out_dir, category, dataset, fill)
+
+
+def require_category(category: str, categories: tuple[str, ...] | list[str], dataset: str) -> None:
+    if category not in categories:
+        raise ValueError(f"unknown {dataset} category {category!r}; known: {', '.join(categories)}")
+
+
 def count_table(df: pd.DataFrame) -> dict[str, int]:
     """Images per `<split>/<defect_type>` (e.g. "train/good", "test/crack"): the key format of
     each source's EXPECTED_COUNTS."""

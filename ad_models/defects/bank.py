@@ -136,7 +136,8 @@ def build_bank(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 _write_png(tmp / image_rel, out)
                 _write_png(tmp / mask_rel, mask)
                 rows.append([image_rel, "validation", 1, f"synthetic_{variant}", mask_rel])
-        table = pd.DataFrame(rows, columns=COLUMNS[:5]).assign(category=category, dataset=dataset)
+        table = pd.DataFrame(rows, columns=["path", "split", "label", "defect_type", "mask_path"])
+        table = table.assign(category=category, dataset=dataset)[COLUMNS]
         table["path"] = [str(tmp / p) for p in table.path]
         table["mask_path"] = [str(tmp / p) if p else "" for p in table.mask_path]
         write_manifest(table, tmp)

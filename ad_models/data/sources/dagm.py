@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import DatasetError, transfer_files, write_category
+from ad_models.data.download import RawArchive, fetch_for_category
+from ad_models.data.layout import DatasetError, require_category, write_jobs
 
 DATASET = "dagm"
 CATEGORIES: tuple[str, ...] = tuple(f"Class{i}" for i in range(1, 11))
@@ -114,28 +114,17 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
-    source_dir: str | os.PathLike | None = None,
-    archive: str | os.PathLike | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    archive_name: str | None = None,
-    raw_dir: str | os.PathLike | None = None,
     progress: bool = True,
     train_defects_to_test: bool = False,
+    **raw_options,
 ) -> pd.DataFrame:
     """Restructure one class into `out_dir` (replaced whole) and return its manifest.
 
     Raw data from `source_dir`, `archive`, or `url` checked against `sha256` when given (see
     download.fetch_source). `seed` changes nothing: the official split is kept."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown {DATASET} category {category!r}; known: {', '.join(CATEGORIES)}")
+    require_category(category, CATEGORIES, DATASET)
     out_dir = Path(out_dir)
-    source = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
-                        sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    source = fetch_for_category(RAW, out_dir, progress=progress, **raw_options)
     jobs = plan(find_class_dir(source, category), train_defects_to_test)
 
-    def fill(tmp: Path) -> None:
-        transfer_files([(src, tmp / rel, mode) for src, rel, mode in jobs])
-
-    return write_category(out_dir, category, DATASET, fill)
+    return write_jobs(out_dir, category, DATASET, jobs)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ad_models.data.layout import IMAGE_EXTENSIONS, DatasetError, transfer_files, write_category
+from ad_models.data.layout import IMAGE_EXTENSIONS, DatasetError, write_jobs
 from ad_models.data.sources.magnetic_tile import is_test_good
 
 DATASET = "folder"
@@ -143,8 +143,4 @@ def prepare(
         raise ValueError("defective_dir and mask_dir go together: defective images need masks")
     jobs = plan(Path(good_dir), None if defective_dir is None else Path(defective_dir),
                 None if mask_dir is None else Path(mask_dir), test_good_fraction)
-
-    def fill(tmp: Path) -> None:
-        transfer_files([(src, tmp / rel, mode) for src, rel, mode in jobs])
-
-    return write_category(Path(out_dir), category, DATASET, fill)
+    return write_jobs(out_dir, category, DATASET, jobs)

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import read_image_file, write_category
+from ad_models.data.download import RawArchive, fetch_for_category
+from ad_models.data.layout import read_image_file, require_category, write_category
 
 CATEGORIES: tuple[str, ...] = ("tile",)
 DATASET = "magnetic_tile"
@@ -96,16 +96,10 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
-    source_dir: str | os.PathLike | None = None,
-    archive: str | os.PathLike | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    archive_name: str | None = None,
-    raw_dir: str | os.PathLike | None = None,
     test_good_fraction: float = 0.2,
     limit_per_kind: int | None = None,
     progress: bool = True,
+    **raw_options,
 ) -> pd.DataFrame:
     """Restructure the dataset into `out_dir` (the category folder, replaced whole) and return
     its manifest. Reads `source_dir` (an extracted copy) or `archive` (the user's copy of the
@@ -114,15 +108,13 @@ def prepare(
 
     `seed` is accepted like every source's but changes nothing: the test set of a real dataset
     must stay the same whatever seed a training run uses."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown magnetic_tile category {category!r}; known: {', '.join(CATEGORIES)}")
+    require_category(category, CATEGORIES, DATASET)
     if not 0 < test_good_fraction < 1:
         raise ValueError(f"test_good_fraction must be in (0, 1), got {test_good_fraction!r}")
     if limit_per_kind is not None and (type(limit_per_kind) is not int or limit_per_kind < 1):
         raise ValueError(f"limit_per_kind must be None or an int >= 1, got {limit_per_kind!r}")
     out_dir = Path(out_dir)
-    extracted = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
-                             sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    extracted = fetch_for_category(RAW, out_dir, progress=progress, **raw_options)
     root = find_source_root(extracted)
     return write_category(out_dir, category, DATASET, lambda tmp: _restructure(
         root, tmp, test_good_fraction=test_good_fraction, limit_per_kind=limit_per_kind))

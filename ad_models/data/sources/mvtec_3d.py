@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import ANY_DEFECT, DatasetError, transfer_files, write_category
+from ad_models.data.download import RawArchive, fetch_for_category
+from ad_models.data.layout import ANY_DEFECT, DatasetError, require_category, write_jobs
 from ad_models.data.sources.mvtec_ad import find_category_dir
 
 DATASET = "mvtec_3d"
@@ -110,27 +110,16 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
-    source_dir: str | os.PathLike | None = None,
-    archive: str | os.PathLike | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    archive_name: str | None = None,
-    raw_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    **raw_options,
 ) -> pd.DataFrame:
     """Restructure one category (RGB only) into `out_dir` (replaced whole) and return its manifest.
 
     Raw data as for mvtec_ad.prepare; the official archive is checked by its published md5.
     `seed` changes nothing: the official split is kept."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown {DATASET} category {category!r}; known: {', '.join(CATEGORIES)}")
+    require_category(category, CATEGORIES, DATASET)
     out_dir = Path(out_dir)
-    root = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
-                        sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    root = fetch_for_category(RAW, out_dir, progress=progress, **raw_options)
     jobs = plan(find_category_dir(root, category, must_contain=("train", "test")))
 
-    def fill(tmp: Path) -> None:
-        transfer_files([(source, tmp / rel, mode) for source, rel, mode in jobs])
-
-    return write_category(out_dir, category, DATASET, fill)
+    return write_jobs(out_dir, category, DATASET, jobs)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import DatasetError, is_image_file, transfer_files, write_category
+from ad_models.data.download import RawArchive, fetch_for_category
+from ad_models.data.layout import DatasetError, is_image_file, require_category, write_jobs
 
 DATASET = "mvtec_ad"
 CATEGORIES: tuple[str, ...] = (
@@ -117,27 +117,17 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
-    source_dir: str | os.PathLike | None = None,
-    archive: str | os.PathLike | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    archive_name: str | None = None,
-    raw_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    **raw_options,
 ) -> pd.DataFrame:
     """Restructure one category into `out_dir` (replaced whole) and return its manifest.
 
     The raw data come from `source_dir` (an extracted copy), `archive` (the downloaded archive)
-    or a download (see `download.fetch_source`). `seed` changes nothing: the official split is kept."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown {DATASET} category {category!r}; known: {', '.join(CATEGORIES)}")
+    or a download; `raw_options` are source_dir, archive, url, sha256, md5, archive_name and
+    raw_dir (see `download.fetch_for_category`). `seed` changes nothing: the official split is kept."""
+    require_category(category, CATEGORIES, DATASET)
     out_dir = Path(out_dir)
-    root = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
-                        sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    root = fetch_for_category(RAW, out_dir, progress=progress, **raw_options)
     jobs = plan(find_category_dir(root, category))
 
-    def fill(tmp: Path) -> None:
-        transfer_files([(source, tmp / rel, mode) for source, rel, mode in jobs])
-
-    return write_category(out_dir, category, DATASET, fill)
+    return write_jobs(out_dir, category, DATASET, jobs)

@@ -34,8 +34,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.data.download import RawArchive, fetch_source, raw_folder
-from ad_models.data.layout import DatasetError, is_image_file, read_image_file, write_category
+from ad_models.data.download import RawArchive, fetch_for_category
+from ad_models.data.layout import DatasetError, is_image_file, read_image_file, require_category, write_category
 
 DATASET = "mvtec_loco"
 CATEGORIES: tuple[str, ...] = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
@@ -337,15 +337,9 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     seed: int = 0,
-    source_dir: str | os.PathLike | None = None,
-    archive: str | os.PathLike | None = None,
-    url: str | None = None,
-    sha256: str | None = None,
-    md5: str | None = None,
-    archive_name: str | None = None,
-    raw_dir: str | os.PathLike | None = None,
     progress: bool = True,
     view: str = "all",
+    **raw_options,
 ) -> pd.DataFrame:
     """Restructure one category into `out_dir` (the category folder, replaced whole) and return
     its manifest.
@@ -356,14 +350,12 @@ def prepare(
     of a mirror). `view` "structural" or "logical" keeps only that kind of defective test image.
 
     `seed` is accepted like every source's but changes nothing: LOCO's splits are fixed."""
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown mvtec_loco category {category!r}; known: {', '.join(CATEGORIES)}")
+    require_category(category, CATEGORIES, DATASET)
     if view != "all" and view not in VIEWS:
         raise ValueError(f"unknown mvtec_loco view {view!r}; known: all, {', '.join(VIEWS)}")
     defect_types = DEFECT_TYPES if view == "all" else VIEWS[view]
     out_dir = Path(out_dir)
-    extracted = fetch_source(RAW, raw_folder(out_dir, raw_dir), source_dir=source_dir, archive=archive, url=url,
-                             sha256=sha256, md5=md5, archive_name=archive_name, progress=progress)
+    extracted = fetch_for_category(RAW, out_dir, progress=progress, **raw_options)
     source = find_source_root(extracted, category) / category
     if not (source / DEFECTS_CONFIG).is_file():
         raise DatasetError(f"{source / DEFECTS_CONFIG} not found: incomplete copy of MVTec LOCO "
