@@ -49,6 +49,13 @@ class Params:
         options.setdefault("seed", self.seed)
         return options
 
+    def method_options(self, method: str, category: str) -> dict[str, Any]:
+        """A method's config for a category: its `method_config` entry, then that entry's
+        `per_category` overrides for the category (e.g. SLSG's simulated-anomaly rules)."""
+        options = dict(self.method_config.get(method) or {})
+        options.update((options.pop("per_category", None) or {}).get(category) or {})
+        return options
+
     def model_dir(self, method: str, category: str) -> Path:
         return self.data_root / "models" / method / category
 
@@ -136,9 +143,22 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
                     method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
                     defect_bank=raw.get("defect_bank") or {})
     from ad_models.defects.bank import BankConfig
-    for category in categories:  # a typo in the bank's options fails here, not mid-run
+    from ad_models.methods.base import config_from_dict
+    sections = {"defect_bank": params.defect_bank,
+                **{f"method_config.{m}": options for m, options in params.method_config.items()}}
+    for where, section in sections.items():  # a per-category entry for no category is a typo, not a no-op
+        stray = sorted(set((section or {}).get("per_category") or {}) - set(categories))
+        if stray:
+            raise ParamsError(f"{path}: {where}.per_category names {stray}, which are not in `categories` "
+                              f"({categories})")
+    for category in categories:  # a typo in the bank's or a method's options fails here, not mid-run
         try:
             BankConfig.from_dict(params.bank_config(category))
         except (TypeError, ValueError) as e:
             raise ParamsError(f"{path}: defect_bank for {category}: {e}") from e
+        for method in methods:
+            try:
+                config_from_dict(METHODS[method].Config, params.method_options(method, category))
+            except (TypeError, ValueError) as e:
+                raise ParamsError(f"{path}: method_config.{method} for {category}: {e}") from e
     return Params(**{**params.__dict__, "data_root": params._resolve(raw.get("data_root", "data"))})

@@ -19,6 +19,29 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # real data beside the repo, never in it
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny networks: the machine's cores are shared, and with
+    one thread small convolutions run steadier (use with `pytestmark = usefixtures("one_thread")`)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_category(tmp_path):
+    """A tiny synthetic fabric category (10 train, 64 px) and its defect bank (3 held out, 64 px)."""
+    from ad_models.data.sources import prepare_category
+    from ad_models.defects.bank import build_bank
+    dataset = tmp_path / "fabric"
+    prepare_category("synthetic", "fabric", dataset, n_train=10, n_test_good=4, n_test_defect=6, size=64, seed=0)
+    bank = tmp_path / "bank"
+    build_bank(dataset, bank, {"image_size": 64, "min_holdout": 3, "defects_per_image": 2}, progress=False)
+    return dataset, bank
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The folder of real test data (../shared/data from the project root); skips when absent."""

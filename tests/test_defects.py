@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ad_models.defects import (AUGMENTATIONS, DefectConfig, DefectSynthesizer, FolderSource, ProceduralSource,
-                               augment, blend_beta, blend_replace, color_jitter, cutpaste, cutpaste_geometry,
+from ad_models.defects import (AUGMENTATIONS, DefectConfig, DefectMixture, DefectSynthesizer, FolderSource,
+                               ProceduralSource, augment, grid_shuffle, rearrange, blend_beta, blend_replace, color_jitter, cutpaste, cutpaste_geometry,
                                fallback_masks, foreground_mask, grid_cell_sizes, grid_masks, paste, perlin_mask,
                                perlin_masks, perlin_noise, rectangle_masks, stroke_masks)
 
@@ -411,6 +411,9 @@ def test_bad_inputs_are_named():
     ({"perlin_threshold": 1.0}, "perlin_threshold"),
     ({"min_mask_fraction": -0.1}, "min_mask_fraction"),
     ({"foreground": "yes"}, "foreground"),
+    ({"source": "rearranged", "rearrange": {"mirror": 1.0}}, "rearrange must be a dict"),
+    ({"source": "rearranged", "rearrange": {"flip": 0.0}}, "rearrange must be a dict"),
+    ({"source": "rearranged", "shuffle_grid": (1, 1)}, "shuffle_grid"),
 ])
 def test_config_validation_says_what_is_wrong(values, message):
     with pytest.raises(ValueError, match=message):
@@ -431,3 +434,68 @@ def test_config_from_dict_rejects_unknown_keys_and_round_trips_through_json():
     assert data["beta_range"] == [0.1, 0.5] and data["masks"] == {"perlin": 2.0, "stroke": 1.0}
     assert DefectConfig.from_dict(data) == config
     assert DefectConfig.from_dict(None) == DefectConfig()
+
+
+# ---- sources from the images themselves (SLSG's scar anomalies) ------------------------------------
+
+def test_grid_shuffle_permutes_whole_cells_and_keeps_the_remainder():
+    images = torch.rand(3, 3, 13, 17, generator=gen(1))
+    out = grid_shuffle(images, gen(2), (3, 4))  # cells 4 x 4; a 1-row and 1-column remainder
+    assert torch.equal(out[:, :, 12:], images[:, :, 12:]) and torch.equal(out[:, :, :, 16:], images[:, :, :, 16:])
+
+    def cells(x):
+        return sorted(x[:, r * 4:(r + 1) * 4, c * 4:(c + 1) * 4].flatten().tolist() for r in range(3) for c in range(4))
+
+    for i in range(3):
+        assert cells(out[i]) == cells(images[i])  # the same cells...
+    assert not torch.equal(out, images)  # ...in another order
+    with pytest.raises(ValueError, match="does not fit"):
+        grid_shuffle(images, gen(), (20, 4))
+
+
+def test_rearrange_kinds_do_what_they_say():
+    images = torch.rand(4, 3, 8, 8, generator=gen(3))
+    flipped = rearrange(images, gen(), {"flip": 1.0})
+    for i in range(4):
+        assert torch.equal(flipped[i], images[i].flip(-1)) or torch.equal(flipped[i], images[i].flip(-2))
+    other = rearrange(images, gen(), {"other_image": 1.0})
+    for i in range(4):  # another image of the batch, never the image itself
+        matches = [j for j in range(4) if torch.equal(other[i], images[j])]
+        assert len(matches) == 1 and matches[0] != i
+    alone = rearrange(images[:1], gen(), {"other_image": 1.0})
+    assert torch.equal(alone[0], images[0].flip(-1, -2))  # no other image: turned by 180 degrees
+    with pytest.raises(ValueError, match="unknown kind"):
+        rearrange(images, gen(), {"mirror": 1.0})
+
+
+def test_rearranged_source_puts_the_images_own_content_inside_the_mask():
+    images = textured(6, 32)
+    synth = DefectSynthesizer({"source": "rearranged", "rearrange": {"other_image": 1.0}, "blend": "replace",
+                               "p_defect": 1.0, "augment_ops": 0})
+    defective, masks = synth(images, gen(4))
+    inside = masks[:, 0].bool()
+    assert inside.any(1).any(1).all()
+    assert torch.equal(defective[~inside[:, None].expand_as(images)], images[~inside[:, None].expand_as(images)])
+    for i in range(6):  # inside the mask: exactly another image's pixels
+        m = inside[i]
+        assert any(torch.equal(defective[i][:, m], images[j][:, m]) for j in range(6) if j != i)
+    again = DefectSynthesizer(synth.config)(images, gen(4))
+    assert torch.equal(again[0], defective) and torch.equal(again[1], masks)
+    assert DefectConfig.from_dict(json.loads(json.dumps(synth.config.to_dict()))) == synth.config
+
+
+def test_mixture_draws_one_kind_per_image_by_weight():
+    images = textured(64, 16)
+    only_scar = DefectMixture({"texture": (0.0, {"p_defect": 1.0}),
+                               "scar": (1.0, {"source": "self", "blend": "cutpaste", "p_defect": 1.0})})
+    out, masks = only_scar(images, gen(5))
+    assert masks.flatten(1).amax(1).eq(1).all()
+    mixed = DefectMixture({"none": (1.0, {"p_defect": 0.0}), "all": (1.0, {"p_defect": 1.0})})
+    out, masks = mixed(images, gen(6))
+    hit = masks.flatten(1).amax(1) > 0
+    assert 16 < int(hit.sum()) < 48  # about half the images drew the kind that always makes a defect
+    assert torch.equal(out[~hit], images[~hit])
+    again = mixed(images, gen(6))
+    assert torch.equal(again[0], out) and torch.equal(again[1], masks)
+    with pytest.raises(ValueError, match="weights"):
+        DefectMixture({"a": (0.0, {}), "b": (0.0, {})})

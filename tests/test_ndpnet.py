@@ -1,7 +1,6 @@
 """NDP-Net: its pieces against hand-made cases, a short training run, save/load, real data."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ad_models import runs
 from ad_models.data.layout import read_manifest
@@ -72,15 +71,6 @@ def test_smoothing_removes_a_single_hot_pixel_and_keeps_a_blob():
     smoothed = smooth_map(maps, 5)
     assert smoothed[0, :6, :6].max() == 0 and smoothed[0, 12, 12] == 1.0
     assert torch.allclose(smooth_map(torch.full((2, 9, 9), 0.3), 5), torch.full((2, 9, 9), 0.3))
-
-
-@pytest.fixture
-def tiny_category(tmp_path):
-    dataset = tmp_path / "fabric"
-    prepare_category("synthetic", "fabric", dataset, n_train=10, n_test_good=4, n_test_defect=6, size=64, seed=0)
-    bank = tmp_path / "bank"
-    build_bank(dataset, bank, {"image_size": 64, "min_holdout": 3, "defects_per_image": 2}, progress=False)
-    return dataset, bank
 
 
 def test_two_phase_training_selects_on_the_bank_and_round_trips(tiny_category, tmp_path):

@@ -58,6 +58,10 @@ def test_bad_params_are_clear(tmp_path):
         load_params(write_params(tmp_path, methods=["nope"]))
     with pytest.raises(ParamsError, match="unknown keys"):
         load_params(write_params(tmp_path, epochs=3))
+    with pytest.raises(ParamsError, match=r"method_config.pfm for synthetic/fabric: PFMConfig: unknown option\(s\) \['epoch'\]"):
+        load_params(write_params(tmp_path, method_config={"pfm": {"epoch": 3}}))
+    with pytest.raises(ParamsError, match=r"method_config.pfm.per_category names \['synthetic/fabrik'\]"):
+        load_params(write_params(tmp_path, method_config={"pfm": {"per_category": {"synthetic/fabrik": {}}}}))
 
 
 def test_whole_graph_end_to_end(tmp_path):
@@ -125,6 +129,38 @@ def test_ndpnet_through_the_graph(tmp_path):
     assert dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources,
                           instance=instance).success
     assert "ndpnet" in (tmp_path / "data" / "reports" / "report.html").read_text()
+
+
+def test_esad_and_slsg_through_the_graph_with_per_category_options(tmp_path):
+    """ESAD and SLSG as partitions like any other; SLSG's simulated-anomaly rules set per category."""
+    esad = {"image_size": 32, "widths": [8, 8, 16, 16, 16], "feature_network": "efficientnet_lite0", "epochs": 2,
+            "batch_size": 4, "select_every": 1, "test_cell_sizes": [8, 16], "smoothing_sigma": 1.0}
+    slsg = {"image_size": 64, "decoder_widths": [16, 16, 8, 8], "aux_width": 8, "iterations": 4, "batch_size": 2,
+            "select_every": 2, "per_category": {"synthetic/circuit": {"foreground": True, "scar_probability": 0.9}}}
+    params = load_params(write_params(tmp_path, methods=["esad", "slsg"], method_config={"esad": esad, "slsg": slsg}))
+    assert params.method_options("slsg", "synthetic/circuit")["foreground"] is True
+    assert "foreground" not in params.method_options("slsg", "synthetic/fabric")
+    defs = build_definitions(params, device="cpu", progress=False)
+    assets, instance = list(defs.assets), dg.DagsterInstance.ephemeral()
+    for category in params.categories:
+        assert dg.materialize(assets, selection=[dg.AssetKey("dataset"), dg.AssetKey("defect_bank")],
+                              partition_key=category, resources=defs.resources, instance=instance).success
+        for method in params.methods:
+            result = dg.materialize(assets, selection=[dg.AssetKey("model"), dg.AssetKey("evaluation")],
+                                    partition_key=model_partition_key(category, method),
+                                    resources=defs.resources, instance=instance)
+            trained = result.asset_materializations_for_node("model")[0].metadata
+            assert "bank image AUROC" in trained["checkpoint_selection"].value
+            evaluated = result.asset_materializations_for_node("evaluation")[0].metadata
+            assert 0 <= evaluated["image_auroc"].value <= 1 and 0 <= evaluated["pixel_auroc"].value <= 1
+    saved = {c: json.loads((tmp_path / "data" / "models" / "slsg" / c / "config.json").read_text())["config"]
+             for c in params.categories}
+    assert saved["synthetic/circuit"]["foreground"] and saved["synthetic/circuit"]["scar_probability"] == 0.9
+    assert not saved["synthetic/fabric"]["foreground"]
+    assert dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources,
+                          instance=instance).success
+    report = (tmp_path / "data" / "reports" / "report.html").read_text()
+    assert "esad" in report and "slsg" in report
 
 
 def test_cli_runs_a_selection(tmp_path):

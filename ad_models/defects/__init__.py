@@ -9,6 +9,7 @@ is put in (blends), and one configurable entry point.
 Entry point (synthesis.py)
     DefectConfig            plain-data config; `from_dict` / `to_dict`; validated on construction
     DefectSynthesizer       config -> callable (images, generator) -> (defective, masks)
+    DefectMixture           several configs, one drawn per image by weight; the same call
 
 Masks (masks.py); batched ones return [n, H, W] float32 in {0, 1}
     perlin_mask, perlin_masks, perlin_noise   DRAEM's rotated, thresholded Perlin noise
@@ -23,6 +24,8 @@ Sources (sources.py): `sample(n, H, W, generator, device) -> [n, 3, H, W]` in [0
     FolderSource            the images of a folder (recursive; anything OpenCV reads)
     augment                 DRAEM's photometric augmentation: k distinct ops out of AUGMENTATIONS
     color_jitter            CutPaste's ColorJitter(0.1, 0.1, 0.1, 0.1)
+    rearrange, grid_shuffle the images' own content out of place: grid shuffle, flip, another image
+                            (source="rearranged", SLSG's scar anomalies)
 
 Blends (blend.py): pixels outside the mask stay bit-identical
     blend_replace           x * (1 - M) + src * M (NDP-Net's Eq. 1)
@@ -39,12 +42,13 @@ from ad_models.defects.blend import blend_beta, blend_replace, cutpaste, cutpast
 from ad_models.defects.masks import (fallback_masks, foreground_mask, grid_cell_sizes, grid_masks, perlin_mask,
                                      perlin_masks, perlin_noise, random_points, rectangle_mask, rectangle_masks,
                                      stroke_mask, stroke_masks)
-from ad_models.defects.sources import (AUGMENTATIONS, FolderSource, ProceduralSource, augment, color_jitter)
-from ad_models.defects.synthesis import BLENDS, MASK_KINDS, DefectConfig, DefectSynthesizer, make_source
+from ad_models.defects.sources import (AUGMENTATIONS, REARRANGEMENTS, FolderSource, ProceduralSource, augment,
+                                      color_jitter, grid_shuffle, rearrange)
+from ad_models.defects.synthesis import BLENDS, MASK_KINDS, DefectConfig, DefectMixture, DefectSynthesizer, make_source
 
 __all__ = [
-    "AUGMENTATIONS", "BLENDS", "MASK_KINDS", "DefectConfig", "DefectSynthesizer", "FolderSource",
-    "ProceduralSource", "augment", "blend_beta", "blend_replace", "color_jitter", "cutpaste",
+    "AUGMENTATIONS", "BLENDS", "MASK_KINDS", "REARRANGEMENTS", "DefectConfig", "DefectMixture",
+    "DefectSynthesizer", "FolderSource", "ProceduralSource", "augment", "grid_shuffle", "rearrange", "blend_beta", "blend_replace", "color_jitter", "cutpaste",
     "cutpaste_geometry", "fallback_masks", "foreground_mask", "grid_cell_sizes", "grid_masks", "make_source",
     "paste", "perlin_mask", "perlin_masks", "perlin_noise", "random_points", "rectangle_mask",
     "rectangle_masks", "stroke_mask", "stroke_masks",

@@ -1,8 +1,9 @@
 """What a defect is made of: procedural textures, a folder of images, and their photometric augmentation.
 
 A source has `sample(n, height, width, generator, device) -> [n, 3, H, W] float32 in [0, 1]`.
-`augment` is DRAEM's random photometric augmentation of a source, in torch; `color_jitter` is
-CutPaste's, for patches taken from the image itself.
+`rearrange` makes a source from the images themselves (SLSG's "scar" anomalies: the image's own
+content, out of place). `augment` is DRAEM's random photometric augmentation of a source, in torch;
+`color_jitter` is CutPaste's, for patches taken from the image itself.
 """
 from __future__ import annotations
 
@@ -343,3 +344,68 @@ def color_jitter(images: torch.Tensor, generator: torch.Generator, strength: flo
     x = (mean + (1 + u[:, 1]).view(n, 1, 1, 1) * (x - mean)).clamp(0, 1)
     x = _hue_saturation(x, u[:, 3] * 2 * math.pi, 1 + u[:, 2])
     return x.clamp(0, 1)
+
+
+REARRANGEMENTS = ("grid_shuffle", "flip", "other_image")
+
+
+def grid_shuffle(images: torch.Tensor, generator: torch.Generator, grid: tuple[int, int]) -> torch.Tensor:
+    """Albumentations' RandomGridShuffle: cut each image into rows x cols cells and put them back in
+    a random order (one permutation per image). Cells are floor(H / rows) x floor(W / cols); the
+    remainder strip at the bottom/right stays where it is."""
+    _check_generator(generator)
+    rows, cols = grid
+    n, c, height, width = images.shape
+    ch, cw = height // rows, width // cols
+    if ch == 0 or cw == 0:
+        raise ValueError(f"a {rows} x {cols} grid does not fit {height} x {width} images")
+    out = images.clone()
+    cells = images[:, :, :rows * ch, :cols * cw].reshape(n, c, rows, ch, cols, cw).permute(0, 2, 4, 1, 3, 5)
+    cells = cells.reshape(n, rows * cols, c, ch, cw)
+    order = torch.rand((n, rows * cols), generator=generator).argsort(1).to(images.device)
+    shuffled = cells[torch.arange(n, device=images.device)[:, None], order]
+    out[:, :, :rows * ch, :cols * cw] = (shuffled.reshape(n, rows, cols, c, ch, cw).permute(0, 3, 1, 4, 2, 5)
+                                         .reshape(n, c, rows * ch, cols * cw))
+    return out
+
+
+def rearrange(images: torch.Tensor, generator: torch.Generator, weights: dict[str, float],
+              grid: tuple[int, int] = (4, 8)) -> torch.Tensor:
+    """A source made of the batch's own content, out of place (SLSG's "scar" mode), per image one of
+    (drawn by `weights`):
+
+    grid_shuffle   the image turned by 180 degrees with p 0.5, then `grid_shuffle`d (SLSG's default)
+    flip           the image flipped vertically or horizontally (p 0.5 each)
+    other_image    another image of the batch (a normal part in the wrong place; with one image in
+                   the batch, the image turned by 180 degrees)
+
+    images [n, 3, H, W] in [0, 1]; returns the sources, same shape."""
+    _check_generator(generator)
+    unknown = sorted(set(weights) - set(REARRANGEMENTS))
+    if unknown:
+        raise ValueError(f"rearrange: unknown kind(s) {unknown}; valid kinds: {list(REARRANGEMENTS)}")
+    n = len(images)
+    w = torch.tensor([float(weights.get(k, 0)) for k in REARRANGEMENTS], dtype=torch.float64)
+    kinds = torch.multinomial(w, n, replacement=True, generator=generator)
+    u = torch.rand((n, 2), generator=generator)
+    turned = images.flip(-1, -2)
+    out = images.clone()
+    shuffle = (kinds == 0).nonzero().flatten()
+    if len(shuffle):
+        turn = (u[shuffle, 0] < 0.5).view(-1, 1, 1, 1).to(images.device)
+        idx = shuffle.to(images.device)
+        out[idx] = grid_shuffle(torch.where(turn, turned[idx], images[idx]), generator, grid)
+    flip = (kinds == 1).nonzero().flatten()
+    if len(flip):
+        vertical = (u[flip, 1] < 0.5).view(-1, 1, 1, 1).to(images.device)
+        idx = flip.to(images.device)
+        out[idx] = torch.where(vertical, images[idx].flip(-2), images[idx].flip(-1))
+    other = (kinds == 2).nonzero().flatten()
+    if len(other):
+        idx = other.to(images.device)
+        if n == 1:
+            out[idx] = turned[idx]
+        else:
+            offset = 1 + (u[other, 1] * (n - 1)).long().clamp(max=n - 2)
+            out[idx] = images[((other + offset) % n).to(images.device)]
+    return out

@@ -22,12 +22,13 @@ import torch
 from ad_models.defects.blend import blend_beta, blend_replace, cutpaste
 from ad_models.defects.masks import (_check_generator, _fallback_square, _perlin_masks, _rectangle_masks,
                                      _stroke_masks, _uniform, foreground_mask)
-from ad_models.defects.sources import AUGMENTATIONS, FolderSource, ProceduralSource, augment
+from ad_models.defects.sources import (AUGMENTATIONS, REARRANGEMENTS, FolderSource, ProceduralSource, augment,
+                                      rearrange)
 
 MASK_KINDS = ("perlin", "rectangle", "stroke")
 BLENDS = ("replace", "beta", "cutpaste", "cutpaste_scar")
 CUTPASTE_BLENDS = ("cutpaste", "cutpaste_scar")
-BUILTIN_SOURCES = ("procedural", "self")
+BUILTIN_SOURCES = ("procedural", "self", "rearranged")
 MAX_TRIES = 10  # redraws of a too-small mask before the fallback square
 FALLBACK_FRACTION = 0.01  # the fallback square covers at least this share of the image
 
@@ -37,7 +38,7 @@ class DefectConfig:
     """What artificial defects to make. Plain data: `from_dict` / `to_dict` round-trip through JSON."""
 
     masks: dict = field(default_factory=lambda: {"perlin": 1.0})  # kind -> sampling weight (MASK_KINDS)
-    source: str = "procedural"  # "procedural", "self" (the CutPaste blends) or a folder of images
+    source: str = "procedural"  # "procedural", "self" (the CutPaste blends), "rearranged" or a folder of images
     blend: str = "replace"  # BLENDS; the CutPaste blends make their own masks and ignore `masks`
     beta_range: tuple[float, float] = (0.0, 0.8)  # blend="beta": DRAEM's U(0, 0.8) share of the image kept
     p_defect: float = 0.5  # probability that an image gets a defect at all (DRAEM: 0.5)
@@ -46,10 +47,13 @@ class DefectConfig:
     perlin_scale_exponents: tuple[int, int] = (0, 6)  # lattice 2^a x 2^b, a, b in [lo, hi)
     perlin_threshold: float = 0.5
     min_mask_fraction: float = 0.001  # a requested defect covers at least this share of the pixels
+    # source="rearranged": the images' own content out of place (sources.rearrange), kind -> weight
+    rearrange: dict = field(default_factory=lambda: {"grid_shuffle": 1.0})
+    shuffle_grid: tuple[int, int] = (4, 8)  # rows x cols of the grid shuffle (SLSG's default)
 
     def __post_init__(self):
         # JSON turns tuples into lists; take them back so that configs compare equal
-        for name in ("beta_range", "perlin_scale_exponents"):
+        for name in ("beta_range", "perlin_scale_exponents", "shuffle_grid"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
@@ -93,6 +97,14 @@ class DefectConfig:
             raise ValueError(f"perlin_threshold must be in (-1, 1) (the noise's range), got {self.perlin_threshold!r}")
         if not _is_number(self.min_mask_fraction) or not 0 <= self.min_mask_fraction <= 0.5:
             raise ValueError(f"min_mask_fraction must be in [0, 0.5], got {self.min_mask_fraction!r}")
+        r = self.rearrange
+        if (not isinstance(r, dict) or not r or set(r) - set(REARRANGEMENTS)
+                or not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in r.values()) or sum(r.values()) <= 0):
+            raise ValueError(f"rearrange must be a dict kind -> weight >= 0 (not all 0) with kinds from "
+                             f"{list(REARRANGEMENTS)}, got {r!r}")
+        g = self.shuffle_grid
+        if not isinstance(g, tuple) or len(g) != 2 or not all(_is_int(v) and v >= 1 for v in g) or g == (1, 1):
+            raise ValueError(f"shuffle_grid must be (rows, cols), ints >= 1 and not (1, 1), got {g!r}")
 
     @classmethod
     def from_dict(cls, values: "DefectConfig | dict[str, Any] | None") -> "DefectConfig":
@@ -114,6 +126,8 @@ class DefectConfig:
         d["masks"] = {str(k): float(v) for k, v in self.masks.items()}
         d["beta_range"] = [float(v) for v in self.beta_range]
         d["perlin_scale_exponents"] = [int(v) for v in self.perlin_scale_exponents]
+        d["rearrange"] = {str(k): float(v) for k, v in self.rearrange.items()}
+        d["shuffle_grid"] = [int(v) for v in self.shuffle_grid]
         return d
 
 
@@ -126,10 +140,11 @@ def _is_int(value) -> bool:
 
 
 def make_source(source: str):
-    """The source object a config's `source` names; None for "self" (the image is its own source)."""
+    """The source object a config's `source` names; None for "self" and "rearranged" (made from
+    the images themselves)."""
     if source == "procedural":
         return ProceduralSource()
-    if source == "self":
+    if source in ("self", "rearranged"):
         return None
     return FolderSource(source)
 
@@ -180,7 +195,10 @@ class DefectSynthesizer:
                               min_fraction=cfg.min_mask_fraction, tries=MAX_TRIES)
         else:
             m = self.draw_masks(len(d), height, width, generator, region, images.device)[:, None]
-            src = self.source.sample(len(d), height, width, generator, images.device)
+            if cfg.source == "rearranged":  # from the whole batch: "other_image" may pick any image
+                src = rearrange(images.float(), generator, cfg.rearrange, cfg.shuffle_grid)[d]
+            else:
+                src = self.source.sample(len(d), height, width, generator, images.device)
             src = augment(src, generator, cfg.augment_ops)
             if cfg.blend == "beta":
                 lo, hi = cfg.beta_range
@@ -231,3 +249,40 @@ class DefectSynthesizer:
         if kind == "rectangle":
             return _rectangle_masks(len(idx), height, width, generator, device, sub)
         return _stroke_masks(len(idx), height, width, generator, device, sub)
+
+
+class DefectMixture:
+    """Several kinds of defect, one kind per image drawn by weight (SLSG's texture and scar modes):
+
+        mix = DefectMixture({"texture": (0.4, texture_config), "scar": (0.6, scar_config)})
+        defective, masks = mix(images, generator)
+
+    Same contract as DefectSynthesizer; each kind's synthesizer sees only the images drawn for it.
+    """
+
+    def __init__(self, kinds: dict[str, tuple[float, DefectConfig | dict[str, Any]]]):
+        if not kinds:
+            raise ValueError("DefectMixture needs at least one kind of defect")
+        weights = [w for w, _ in kinds.values()]
+        if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"DefectMixture: weights must be finite numbers >= 0, not all 0, got {weights}")
+        self.names = list(kinds)
+        self.synthesizers = [DefectSynthesizer(config) for _, config in kinds.values()]
+        self._weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+
+    def __repr__(self) -> str:
+        return f"DefectMixture({dict(zip(self.names, self.synthesizers))!r})"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = _check_generator(torch.default_generator if generator is None else generator)
+        kinds = torch.multinomial(self._weights, len(images), replacement=True, generator=generator)
+        defective = images.clone()
+        masks = torch.zeros(len(images), 1, *images.shape[-2:], device=images.device)
+        for k, synth in enumerate(self.synthesizers):
+            idx = (kinds == k).nonzero().flatten()
+            if len(idx):
+                d = idx.to(images.device)
+                defective[d], masks[d] = synth(images[d], generator)
+        return defective, masks

@@ -14,8 +14,9 @@ from ad_models.methods.esad import ESAD
 from ad_models.methods.ndpnet import NDPNet
 from ad_models.methods.pefm import PEFM
 from ad_models.methods.pfm import PFM
+from ad_models.methods.slsg import SLSG
 
-METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, ESAD, MeanImage)}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, ESAD, SLSG, MeanImage)}
 
 
 def method_class(name: str) -> type[AnomalyMethod]:

@@ -14,6 +14,7 @@ library versions) and `weights.pt`; `load` needs nothing else, on any machine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import platform
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -51,6 +53,17 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def model_input(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """Images as a network takes them: float on `device`, size x size (antialiased bilinear, so a
+    downscale does not alias), channels-last on CUDA, where convolutions run fastest on NHWC."""
+    images = images.to(device).float()
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def image_batches(dataset: Dataset, batch_size: int, *, shuffle: bool = False,
@@ -182,6 +195,41 @@ class AnomalyMethod:
 def can_select_on(valid: Dataset | None) -> bool:
     """Validation data that can rank checkpoints: good and defective images (the synthetic bank)."""
     return valid is not None and len(set(getattr(valid, "labels", []))) == 2
+
+
+class CheckpointSelection:
+    """Keeps the best state of `modules` on validation data with defects (the synthetic bank):
+
+        selection = CheckpointSelection(method, valid, [method.net.decoder])
+        ... every few epochs: selection.consider(epoch)
+        selection.restore(); log.update(selection.summary(last_epoch))
+
+    Does nothing when `valid` cannot rank checkpoints (no defective images), so a run without a
+    bank keeps its last state. Never the test set."""
+
+    def __init__(self, method: AnomalyMethod, valid: Dataset | None, modules: list[nn.Module],
+                 batch_size: int = 8):
+        self.method, self.valid, self.modules, self.batch_size = method, valid, modules, batch_size
+        self.enabled = can_select_on(valid)
+        self.history: list[dict[str, float]] = []
+        self._best: tuple[float, list[dict] | None] = (-1.0, None)
+
+    def consider(self, epoch: int) -> None:
+        if not self.enabled:
+            return
+        score = self.method.validation_score(self.valid, self.batch_size)
+        self.history.append({"epoch": epoch, **score})
+        if score["selection_score"] > self._best[0]:
+            self._best = (score["selection_score"], [copy.deepcopy(m.state_dict()) for m in self.modules])
+
+    def restore(self) -> None:
+        if self._best[1] is not None:
+            for module, state in zip(self.modules, self._best[1]):
+                module.load_state_dict(state)
+
+    def summary(self, last_epoch: int) -> dict[str, Any]:
+        chosen = max(self.history, key=lambda s: s["selection_score"]) if self.history else None
+        return {"checkpoint_selection": self.history, "selected_epoch": chosen["epoch"] if chosen else last_epoch}
 
 
 def images_in_memory(dataset: Dataset, resize) -> torch.Tensor:

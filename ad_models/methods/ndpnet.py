@@ -46,7 +46,6 @@ The paper is authoritative (no official code exists). What it leaves open, and w
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,8 +59,8 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectSynthesizer
-from ad_models.methods.base import (AnomalyMethod, autocast, can_select_on, images_in_memory, resolve_device,
-                                    seed_everything)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
+                                    resolve_device, seed_everything)
 
 PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
     "vgg16": {"name": "vgg16.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -298,10 +297,7 @@ class NDPNet(AnomalyMethod):
 
     # -- the pieces of a forward pass ---------------------------------------------------------
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        size = (self.config.image_size,) * 2
-        images = images.to(self.device).float()
-        return images if images.shape[-2:] == size else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return model_input(images, self.config.image_size, self.device)
 
     def _reference_features(self) -> list[torch.Tensor]:
         if self._ref_features is None:  # the encoder is frozen from phase 2 on: compute once
@@ -383,10 +379,8 @@ class NDPNet(AnomalyMethod):
                                      weight_decay=cfg.weight_decay)
         for module in trained:
             module.train()
-        selectable = can_select_on(valid)
+        selection = CheckpointSelection(self, valid, trained, cfg.batch_size)
         phase2: list[list[float]] = []
-        selection: list[dict[str, float]] = []
-        best = (-1.0, None)
         bar = tqdm(range(cfg.phase2_epochs), desc="ndpnet: phase 2", disable=not progress, leave=False)
         for epoch in bar:
             totals = torch.zeros(4)
@@ -408,17 +402,12 @@ class NDPNet(AnomalyMethod):
             phase2.append((totals / len(steps)).tolist())
             bar.set_postfix(rec=f"{phase2[-1][0]:.4f}", seg=f"{phase2[-1][3]:.4f}")
             last = epoch + 1 == cfg.phase2_epochs
-            if selectable and ((epoch + 1) % cfg.select_every == 0 or last):
-                score = self.validation_score(valid, self.config.batch_size)
-                selection.append({"epoch": epoch + 1, **score})
-                if score["selection_score"] > best[0]:
-                    best = (score["selection_score"], copy.deepcopy(self.net.state_dict()))
+            if selection.enabled and ((epoch + 1) % cfg.select_every == 0 or last):
+                selection.consider(epoch + 1)
                 for module in trained:
                     module.train()
-        if best[1] is not None:
-            self.net.load_state_dict(best[1])
+        selection.restore()
         self.net.eval()
-        chosen = max(selection, key=lambda s: s["selection_score"]) if selection else None
         return {"phase1_epochs": cfg.phase1_epochs, "phase2_epochs": cfg.phase2_epochs, "train_images": n,
                 "train_seconds": time.perf_counter() - start, "device": str(self.device),
                 "loss_names": {"phase1": ["rec", "per", "def_per"], "phase2": ["rec", "per", "fea_rep", "seg"]},
@@ -427,8 +416,7 @@ class NDPNet(AnomalyMethod):
                 "loss_per_epoch": [[cfg.w_rec * a, cfg.w_per * b, cfg.w_def_per * c] for a, b, c in phase1]
                 + [[cfg.w_rec * a, cfg.w_per * b, cfg.w_fea_rep * c + cfg.w_seg * d] for a, b, c, d in phase2],
                 "final_loss": float(np.dot([cfg.w_rec, cfg.w_per, cfg.w_fea_rep, cfg.w_seg], phase2[-1])),
-                "reference_image": self.reference_path, "checkpoint_selection": selection,
-                "selected_epoch": chosen["epoch"] if chosen else cfg.phase2_epochs}
+                "reference_image": self.reference_path, **selection.summary(cfg.phase2_epochs)}
 
     # -- persistence ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

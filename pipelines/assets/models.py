@@ -29,7 +29,7 @@ def build(params: Params) -> dg.AssetsDefinition:
         category, method = split_model_key(context)
         folder = p.model_dir(method, category)
         context.log.info(f"training {method} on {category} (device {adpipe.torch_device}) into {folder}")
-        log = runs.train(method, p.method_config.get(method), p.dataset_dir(category), folder,
+        log = runs.train(method, p.method_options(method, category), p.dataset_dir(category), folder,
                          bank_dir=p.bank_dir(category), device=adpipe.torch_device, progress=adpipe.progress,
                          batch_size=int(p.evaluation.get("batch_size", 8)))
         metadata = {"path": dg.MetadataValue.path(str(folder)),
