@@ -151,6 +151,7 @@ def test_esad_and_slsg_through_the_graph_with_per_category_options(tmp_path):
                                     resources=defs.resources, instance=instance)
             trained = result.asset_materializations_for_node("model")[0].metadata
             assert "bank image AUROC" in trained["checkpoint_selection"].value
+            assert ("| iteration |" if method == "slsg" else "| epoch |") in trained["loss_curve"].value
             evaluated = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0 <= evaluated["image_auroc"].value <= 1 and 0 <= evaluated["pixel_auroc"].value <= 1
     saved = {c: json.loads((tmp_path / "data" / "models" / "slsg" / c / "config.json").read_text())["config"]

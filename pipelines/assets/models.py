@@ -9,14 +9,17 @@ from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model
 from pipelines.resources import AdpipeResource
 
 
-def loss_summary(losses: list[list[float]], columns: list[str] | None = None, rows: int = 8) -> dg.MetadataValue:
-    """A few evenly spaced epochs of the loss curve (one column per term), first and last included."""
+def loss_summary(losses: list[list[float]], columns: list[str] | None = None, rows: int = 8,
+                 iterations_per_row: int | None = None) -> dg.MetadataValue:
+    """A few evenly spaced rows of the loss curve (one column per term), first and last included.
+    Rows are epochs, or, for methods that count iterations (SLSG), means over `iterations_per_row`."""
     step = max(1, (len(losses) - 1) // (rows - 1)) if len(losses) > 1 else 1
     picked = sorted(set(list(range(0, len(losses), step)) + [len(losses) - 1]))
     levels = len(losses[0]) if losses else 0
     columns = columns or [f"level {i + 1}" for i in range(levels)]
-    return markdown_table(["epoch"] + list(columns) + ["total"],
-                          [[e + 1] + list(losses[e]) + [sum(losses[e])] for e in picked])
+    unit, scale = ("iteration", iterations_per_row) if iterations_per_row else ("epoch", 1)
+    return markdown_table([unit] + list(columns) + ["total"],
+                          [[(e + 1) * scale] + list(losses[e]) + [sum(losses[e])] for e in picked])
 
 
 def build(params: Params) -> dg.AssetsDefinition:
@@ -39,14 +42,15 @@ def build(params: Params) -> dg.AssetsDefinition:
                     "weights": dg.MetadataValue.json(log["provenance"])}
         if log.get("loss_per_epoch"):
             metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])
-            metadata["loss_curve"] = loss_summary(log["loss_per_epoch"], log.get("loss_columns"))
+            metadata["loss_curve"] = loss_summary(log["loss_per_epoch"], log.get("loss_columns"),
+                                                  iterations_per_row=log.get("loss_every_iterations"))
         if log.get("calibration"):
             calibration = log["calibration"]
             metadata.update({k: dg.MetadataValue.float(float(v)) for k, v in calibration.items()
                              if k.startswith(("bank_image", "bank_pixel")) or k.endswith("threshold")})
         if log.get("checkpoint_selection"):
             metadata["checkpoint_selection"] = markdown_table(
-                ["epoch", "bank image AUROC", "bank pixel AUROC"],
+                ["iteration" if log.get("loss_every_iterations") else "epoch", "bank image AUROC", "bank pixel AUROC"],
                 [[s["epoch"], s["image_auroc"], s["pixel_auroc"]] for s in log["checkpoint_selection"]])
             metadata["selected_epoch"] = log["selected_epoch"]
         return dg.MaterializeResult(metadata=metadata)
