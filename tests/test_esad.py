@@ -9,20 +9,14 @@ from ad_models.data.sources import prepare_category
 from ad_models.defects import grid_masks
 from ad_models.defects.bank import build_bank, read_bank
 from ad_models.methods import create_method, esad, load_method
-from ad_models.methods.esad import (ESAD, ESADConfig, FeatureBlock, LightUNet, feature_distance_map, fill,
-                                    gaussian_smooth, inpaint_all)
+from ad_models.methods.esad import (ESAD, ESADConfig, FeatureBlock, LightUNet, feature_distance_map, feature_loss,
+                                    fill, gaussian_kernel, gaussian_smooth, inpaint_all, ssim)
 
 TINY = {"image_size": 32, "widths": (8, 8, 16, 16, 16), "feature_network": "efficientnet_lite0",
         "epochs": 2, "batch_size": 4, "test_cell_sizes": (8, 16), "smoothing_sigma": 1.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the machine's cores are shared: with one thread these tiny networks run ~10x steadier
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RandomImages(Dataset):
@@ -131,6 +125,44 @@ def test_feature_map_and_smoothing():
     assert torch.allclose(gaussian_smooth(torch.full((1, 9, 9), 0.7), 4.0), torch.full((1, 9, 9), 0.7))
 
 
+def test_feature_loss_is_scale_free():
+    g = torch.Generator().manual_seed(0)
+    fx = [torch.randn(2, 5, 8, 8, generator=g) * 30, torch.randn(2, 7, 4, 4, generator=g) + 2]
+    fr = [a + torch.randn(a.shape, generator=g) * 5 for a in fx]
+    assert feature_loss(fx, fx) == 0
+    # a reconstruction that knows nothing (zero features) costs exactly 1 per level, whatever the scale
+    assert torch.isclose(feature_loss(fx, [torch.zeros_like(a) for a in fx]), torch.tensor(2.0))
+    scaled = feature_loss([a * 100 for a in fx], [b * 100 for b in fr])
+    assert torch.isclose(scaled, feature_loss(fx, fr), rtol=1e-5)
+    # per image and level: the MSE over the image's own mean squared feature
+    expected = sum(((b - a).pow(2).mean((1, 2, 3)) / a.pow(2).mean((1, 2, 3))).mean() for a, b in zip(fx, fr))
+    assert torch.isclose(feature_loss(fx, fr), expected, rtol=1e-5)
+    # the denominator is a constant: gradients reach the reconstruction only, along the raw MSE's
+    a, b = fx[0].clone().requires_grad_(), fr[0].clone().requires_grad_()
+    feature_loss([a], [b]).backward()
+    raw = 2 * (b - a).detach() / a[0].numel() / 2  # d/db of the batch mean of per-image MSEs
+    assert torch.allclose(b.grad, raw / a.detach().pow(2).mean((1, 2, 3), keepdim=True), rtol=1e-4)
+    assert torch.allclose(a.grad, -b.grad)  # no term from the detached scale
+
+
+def test_separable_ssim_equals_the_full_window():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 24, 20, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    k = gaussian_kernel(1.5, 5)
+    w = (k[:, None] * k[None, :]).expand(3, 1, 11, 11)
+
+    def blur(x):
+        return torch.nn.functional.conv2d(x, w, padding=5, groups=3)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    full = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
+    assert torch.isclose(ssim(a, b), full, atol=1e-6) and 0.3 < full < 0.99
+    assert torch.isclose(ssim(a, a), torch.tensor(1.0), atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def trained():
     method = ESAD(TINY)
@@ -220,3 +252,40 @@ def test_checkpoint_selection_on_a_defect_bank(tmp_path, monkeypatch):
     again = model.validation_score(ImageDataset(read_bank(bank)[0], 64))
     assert again["image_auroc"] == pytest.approx(calls[0][0]["image_auroc"])
     assert again["pixel_auroc"] == pytest.approx(calls[0][0]["pixel_auroc"])
+
+
+@pytest.mark.slow
+def test_esad_beats_the_mean_image_baseline_on_magnetic_tile(shared_data, tmp_path):
+    dataset = tmp_path / "tile"
+    prepare_category("magnetic_tile", "tile", dataset, source_dir=shared_data / "magnetic_tile", limit_per_kind=60)
+    bank = tmp_path / "bank"
+    # 10 good + 30 defective bank images: with the default 5 + 10, checkpoint selection was noise
+    # (it picked epoch 5 of 30 on one run)
+    build_bank(dataset, bank, {"image_size": 64, "min_holdout": 10, "defects_per_image": 3}, progress=False)
+    results, seconds = {}, {}
+    # a CPU budget: 64 px, narrow U-Nets, 20 epochs at lr 1e-3 (spec: 256 px, widths 32-512, 300+ epochs at
+    # 1e-4). Chosen on this bank, not on the test set: w_feat 1 (bank 0.881 vs 0.873 at the default 0.3); 20
+    # epochs as a 30-epoch run's bank score was flat after epoch 10 (0.87 at 10 and at 30; it kept 10);
+    # test masks of 2 and 4 px cells and smoothing sigma 2 px (4 px at 64 px is 16 px at 256; the bank scored
+    # sigma 4 lowest), which also save a third of the inference time
+    configs = {"esad": {"image_size": 64, "widths": (16, 16, 32, 32, 64), "feature_network": "efficientnet_lite0",
+                        "w_feat": 1.0, "epochs": 20, "lr": 1e-3, "select_every": 5, "test_cell_sizes": (8, 16),
+                        "smoothing_sigma": 2.0},
+               "mean_image": {"image_size": 64}}
+    for method, config in configs.items():
+        log = runs.train(method, config, dataset, tmp_path / "models" / method, bank_dir=bank, device="cpu",
+                         progress=False)
+        seconds[method] = round(log["train_seconds"], 1)
+        results[method] = runs.evaluate(tmp_path / "models" / method, dataset, tmp_path / "eval" / method,
+                                        device="cpu", progress=False)
+    print({m: {k: round(r[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")} for m, r in results.items()},
+          "train seconds", seconds)
+    ours, baseline = results["esad"], results["mean_image"]
+    # measured (one thread): image 0.827 / pixel 0.646 / AUPRO 0.399 against 0.726 / 0.551 / 0.155; 149 s
+    # of training, 220 s for the test with other jobs competing for the two cores (150 s of CPU time); seed 1
+    # (30 epochs, kept 25): 0.828 / 0.626 / 0.388. The frozen features localise by themselves: after 1 epoch
+    # ESAD already scored 0.763 / 0.650 / 0.542, so the image margin is the one that shows the U-Nets learned
+    # something, and it must stay above what 1 epoch reaches
+    assert ours["image_auroc"] > baseline["image_auroc"] + 0.07
+    assert ours["pixel_auroc"] > baseline["pixel_auroc"] + 0.04
+    assert ours["aupro"] > baseline["aupro"] + 0.15
