@@ -119,16 +119,18 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
         if not isinstance(spec, dict) or spec.get("source") not in SOURCES:
             raise ParamsError(f"{path}: datasets.{name}.source must be one of {sorted(SOURCES)}")
     categories = list(raw.get("categories") or [])
-    problems = []
-    for key in categories:
+
+    def category_problem(key) -> str | None:
         dataset, _, name = str(key).partition("/")
         if dataset not in datasets or not name:
-            problems.append(f"{key!r} (want '<dataset>/<category>[.<view>]' with <dataset> in {sorted(datasets)})")
-            continue
+            return f"{key!r} (want '<dataset>/<category>[.<view>]' with <dataset> in {sorted(datasets)})"
         try:
             check_category(datasets[dataset]["source"], name)
         except ValueError as e:
-            problems.append(f"{key!r}: {e}")
+            return f"{key!r}: {e}"
+        return None
+
+    problems = [p for p in map(category_problem, categories) if p]
     methods = list(raw.get("methods") or [])
     problems += [f"method {m!r} (known: {sorted(METHODS)})" for m in methods if m not in METHODS]
     if not categories or not methods:
@@ -146,11 +148,11 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     from ad_models.methods.base import config_from_dict
     sections = {"defect_bank": params.defect_bank,
                 **{f"method_config.{m}": options for m, options in params.method_config.items()}}
-    for where, section in sections.items():  # a per-category entry for no category is a typo, not a no-op
-        stray = sorted(set((section or {}).get("per_category") or {}) - set(categories))
-        if stray:
-            raise ParamsError(f"{path}: {where}.per_category names {stray}, which are not in `categories` "
-                              f"({categories})")
+    for where, section in sections.items():
+        # a category left out of this run may keep its entry; a misspelt one would silently do nothing
+        wrong = [p for p in map(category_problem, (section or {}).get("per_category") or {}) if p]
+        if wrong:
+            raise ParamsError(f"{path}: {where}.per_category: " + "; ".join(wrong))
     for category in categories:  # a typo in the bank's or a method's options fails here, not mid-run
         try:
             BankConfig.from_dict(params.bank_config(category))
