@@ -10,13 +10,14 @@ from pathlib import Path
 from ad_models.io import read_json
 from ad_models.methods.base import AnomalyMethod
 from ad_models.methods.baseline import MeanImage
+from ad_models.methods.bvpn import BVPN
 from ad_models.methods.esad import ESAD
 from ad_models.methods.ndpnet import NDPNet
 from ad_models.methods.pefm import PEFM
 from ad_models.methods.pfm import PFM
 from ad_models.methods.slsg import SLSG
 
-METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, ESAD, SLSG, MeanImage)}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (PFM, PEFM, NDPNet, ESAD, SLSG, BVPN, MeanImage)}
 
 
 def method_class(name: str) -> type[AnomalyMethod]:
