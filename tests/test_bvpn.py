@@ -14,8 +14,9 @@ from ad_models.data.sources import prepare_category
 from ad_models.defects.bank import build_bank
 from ad_models.methods import create_method, load_method
 from ad_models.methods.bvpn import (AutoEncoder3, AutoEncoder7, BVPNConfig, CentralNet, ConvBlock, ParaCentralNet,
-                                    augment_ae, distill_target, gaussian_window, hard_feature_loss, ssim)
+                                    augment_ae, distill_target, hard_feature_loss, ssim)
 from ad_models.methods.bvpn_logical import LogicalModule, greedy_coreset, rgb_to_lab
+from ad_models.methods.losses import gaussian_window
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

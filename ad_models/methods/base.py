@@ -156,6 +156,8 @@ class AnomalyMethod:
     def to(self, device: torch.device) -> "AnomalyMethod":
         self.device = device
         self.net.to(device)
+        if device.type == "cuda":  # convolutions run fastest on NHWC tensor cores (inputs: model_input)
+            self.net.to(memory_format=torch.channels_last)
         return self
 
     # -- shared loops --------------------------------------------------------------------------

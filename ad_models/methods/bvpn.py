@@ -99,6 +99,7 @@ from ad_models.defects import DefectSynthesizer, color_jitter
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
                                     resolve_device, seed_everything)
 from ad_models.methods.bvpn_logical import LogicalModule
+from ad_models.methods.losses import ssim
 
 TEACHERS = ("auto", "file", "distill")
 FUSIONS = ("sum", "max")
@@ -373,33 +374,6 @@ def hard_feature_loss(distance: torch.Tensor, quantile: float = 0.999) -> torch.
     return distance[distance >= threshold].mean()
 
 
-def gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    """SSIM.py's 1-D window: exp(-(x - size // 2)^2 / (2 sigma^2)) for x in 0..size-1, summing to 1."""
-    x = torch.arange(size, dtype=torch.float32) - size // 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 32, sigma: float = 1.5) -> torch.Tensor:
-    """The release's SSIM (SSIM.py): per channel, Gaussian window (its 2-D window is the outer
-    product of `gaussian_window`, applied here as two 1-D convs: the same sums), zero padding
-    window // 2, C1 = 0.01^2, C2 = 0.03^2, mean over the whole map."""
-    c = a.shape[1]
-    g = gaussian_window(window, sigma).to(a.device, a.dtype)
-    pad = window // 2
-    horizontal, vertical = g.view(1, 1, 1, -1).expand(c, 1, 1, window), g.view(1, 1, -1, 1).expand(c, 1, window, 1)
-
-    def blur(x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, horizontal, padding=(0, pad), groups=c)
-        return F.conv2d(x, vertical, padding=(pad, 0), groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
-
-
 def augment_ae(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """x_ae (Sec. 4): per image one of RandomRotation(15) (nearest, black fill, torchvision's
     defaults), ColorJitter(brightness=0.2), (contrast=0.2), (saturation=0.2)."""
@@ -486,15 +460,15 @@ class BVPN(AnomalyMethod):
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return model_input(images, self.config.image_size, self.device)
 
-    def to(self, device: torch.device) -> "BVPN":
-        super().to(device)
-        for module in [self.net.teacher, *self.net.trained_modules()]:
-            module.to(memory_format=torch.channels_last)
-        return self
-
     def _float(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images from `images_in_memory` -> float in [0, 1] on the device."""
         return images.to(self.device).float().div_(255)
+
+    def to(self, device: torch.device) -> "BVPN":
+        super().to(device)  # channels-last on CUDA; these nets gain from it on the CPU too (normalise)
+        for module in [self.net.teacher, *self.net.trained_modules()]:
+            module.to(memory_format=torch.channels_last)
+        return self
 
     # -- the teacher ------------------------------------------------------------------------------
     def distill_teacher(self, images: torch.Tensor, generator: torch.Generator, progress: bool) -> list[float]:

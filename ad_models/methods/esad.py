@@ -85,6 +85,7 @@ from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import grid_cell_sizes, grid_masks, stroke_masks
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
                                     resolve_device, seed_everything)
+from ad_models.methods.losses import ssim
 
 FEATURE_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
     "vgg16": {"name": "vgg16.tv_in1k", "out_indices": (0, 1, 2)},  # relu1_2, relu2_2, relu3_3
@@ -238,21 +239,6 @@ def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     return k / k.sum()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM (Wang et al. 2004) with a Gaussian window, per channel; images in [0, 1]."""
-    c, r = a.shape[1], window // 2
-    k = gaussian_kernel(sigma, r).to(a.device)
-    # the five local means in one separable blur (zero padding, as a full 2-D window would have)
-    x = torch.cat([a, b, a * a, b * b, a * b], 1)
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(5 * c, 1, 1, window), padding=(0, r), groups=5 * c)
-    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(5 * c, 1, window, 1), padding=(r, 0), groups=5 * c)
-    mu_a, mu_b, aa, bb, ab = x.split(c, 1)
-    var_a, var_b = aa - mu_a ** 2, bb - mu_b ** 2
-    cov = ab - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
-
-
 def msgms_loss(a: torch.Tensor, b: torch.Tensor, scales: int = 4, c: float = 0.0026) -> torch.Tensor:
     """RIAD's multi-scale gradient magnitude similarity loss: mean of 1 - GMS over 4 scales."""
     prewitt = torch.tensor([[1.0, 0, -1], [1, 0, -1], [1, 0, -1]], device=a.device) / 3
@@ -398,12 +384,6 @@ class ESAD(AnomalyMethod):
         return {"epochs": cfg.epochs, "train_images": n, "train_seconds": time.perf_counter() - start,
                 "device": str(self.device), "loss_columns": LOSS_COLUMNS, "loss_per_epoch": history,
                 "final_loss": sum(history[-1]), **selection.summary(cfg.epochs)}
-
-    def to(self, device: torch.device) -> "ESAD":
-        super().to(device)
-        if device.type == "cuda":
-            self.net.to(memory_format=torch.channels_last)
-        return self
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()

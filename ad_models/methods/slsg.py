@@ -396,12 +396,6 @@ class SLSG(AnomalyMethod):
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return model_input(images, self.config.image_size, self.device)
 
-    def to(self, device: torch.device) -> "SLSG":
-        super().to(device)
-        if device.type == "cuda":
-            self.net.to(memory_format=torch.channels_last)
-        return self
-
     def top_k(self) -> int:
         return max(1, round(self.config.score_top_k * (self.config.image_size / 256) ** 2))
 
