@@ -6,7 +6,8 @@ atomically, so an interrupted run leaves the previous complete version.
 
 Model folder:      config.json, weights.pt, training_log.json, calibration.json (thresholds set on
                    the synthetic defect bank, when there is one)
-Evaluation folder: metrics.json, scores.csv (one row per test image), roc.csv (image-level ROC),
+Evaluation folder: metrics.json, scores.csv (one row per test image; a column per score part for
+                   methods that fuse several, e.g. BVPN's score_structural, score_logical), roc.csv (image-level ROC),
                    gallery.png (test images, anomaly maps, ground truth)
 """
 from __future__ import annotations
@@ -115,7 +116,8 @@ def thresholded_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarra
     return out
 
 
-def _colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """An anomaly map as RGB uint8 (JET colour map): lo and below blue, hi and above red."""
     scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1)
     return cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
 
@@ -126,7 +128,7 @@ def gallery_image(images: list[np.ndarray], maps: np.ndarray, masks: np.ndarray,
     columns = []
     for image, amap, mask, title in zip(images, maps, masks, titles):
         image = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
-        heat = cv2.resize(_colourise(amap, lo, hi), (tile, tile), interpolation=cv2.INTER_LINEAR)
+        heat = cv2.resize(colourise(amap, lo, hi), (tile, tile), interpolation=cv2.INTER_LINEAR)
         overlay = (0.5 * image + 0.5 * heat).astype(np.uint8)
         gt = cv2.resize(mask.astype(np.uint8) * 255, (tile, tile), interpolation=cv2.INTER_NEAREST)
         column = np.concatenate([image, overlay, np.repeat(gt[..., None], 3, 2)], 0)
@@ -158,6 +160,15 @@ def _loco_metrics(dataset_dir, test_rows: pd.DataFrame, pred: dict, size: int) -
     return out
 
 
+def per_defect_type(labels: np.ndarray, scores: np.ndarray, defect_types: list[str]) -> dict[str, float]:
+    """Image AUROC of each defect type against the good images."""
+    out = {}
+    for defect in sorted(set(defect_types) - {"good"}):
+        keep = np.array([d in (defect, "good") for d in defect_types])
+        out[defect] = metrics.evaluate(labels[keep], scores[keep])["image_auroc"]
+    return out
+
+
 def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
              *, device: str = "auto", batch_size: int = 8, gallery_size: int = 6,
              progress: bool = True) -> dict[str, Any]:
@@ -171,10 +182,13 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     pred = model.predict_dataset(ImageDataset(test_rows, size), batch_size, progress, desc=f"{model.name}: test")
     labels, scores = pred["labels"], pred["scores"]
     result: dict[str, Any] = metrics.evaluate(labels, scores, pred["masks"], pred["maps"])
-    per_defect = {}
-    for defect in sorted(set(pred["defect_types"]) - {"good"}):
-        keep = np.array([d in (defect, "good") for d in pred["defect_types"]])
-        per_defect[defect] = metrics.evaluate(labels[keep], scores[keep])["image_auroc"]
+    per_defect = per_defect_type(labels, scores, pred["defect_types"])
+    parts = pred["score_parts"]
+    if parts:  # which fused score found what (BVPN: structural, logical)
+        result["image_auroc_per_score_part"] = {name: metrics.evaluate(labels, v)["image_auroc"]
+                                              for name, v in parts.items()}
+        result["image_auroc_per_defect_type_per_score_part"] = {
+            name: per_defect_type(labels, v, pred["defect_types"]) for name, v in parts.items()}
     if (Path(dataset_dir) / mvtec_loco.DEFECTS_CONFIG).is_file():
         result.update(_loco_metrics(dataset_dir, test_rows, pred, size))
     calibration_file = Path(model_dir) / CALIBRATION
@@ -199,7 +213,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", result)
         pd.DataFrame({"path": [Path(p).relative_to(root).as_posix() for p in pred["paths"]],
-                      "defect_type": pred["defect_types"], "label": labels, "score": scores}
+                      "defect_type": pred["defect_types"], "label": labels, "score": scores,
+                      **{f"score_{name}": v for name, v in parts.items()}}
                      ).to_csv(tmp / "scores.csv", index=False, lineterminator="\n")
         pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc.csv", index=False, lineterminator="\n")
         cv2.imwrite(str(tmp / "gallery.png"), gallery[..., ::-1])

@@ -24,14 +24,31 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from ad_models import runs  # noqa: E402
-from ad_models.data.sources import prepare_category  # noqa: E402
+from ad_models import metrics, runs  # noqa: E402
+from ad_models.data.sources import mvtec_loco, prepare_category, synthetic  # noqa: E402
 from ad_models.defects.bank import build_bank  # noqa: E402
 from ad_models.methods import method_class  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LOGICAL_DEFECT_TYPES = set(synthetic.LOGICAL_DEFECT_TYPES) | set(mvtec_loco.VIEWS["logical"])
+
+
+def family_breakdown(scores_csv: Path) -> dict[str, dict[str, float]]:
+    """Image AUROC on logical and on structural defects apart (against all good images), for each
+    score the evaluation wrote: the fused one and, for methods that fuse several (BVPN), each part.
+    Empty when the test set has no logical defect types."""
+    table = pd.read_csv(scores_csv)
+    logical = table.defect_type.isin(LOGICAL_DEFECT_TYPES)
+    if not logical.any():
+        return {}
+    good = table.label == 0
+    columns = [c for c in table.columns if c == "score" or c.startswith("score_")]
+    return {family: {c.removeprefix("score_"): metrics.image_auroc(table.label[good | pick], table[c][good | pick])
+                     for c in columns}
+            for family, pick in (("logical", logical), ("structural", (table.label == 1) & ~logical))}
 
 
 def main() -> None:
@@ -91,6 +108,12 @@ def main() -> None:
                       f"{row.get('f1_at_threshold', float('nan')):>6.3f} "
                       f"{row.get('good_pass_rate_at_threshold', float('nan')):>7.3f} "
                       f"{row['train_seconds']:>8.1f} {row['images_per_second']:>7.1f}", flush=True)
+                breakdown = family_breakdown(eval_dir / "scores.csv")
+                if breakdown:
+                    row["image_auroc_by_family"] = breakdown
+                    print("#   image AUROC, defect family x score: " + "; ".join(
+                        f"{family}: " + ", ".join(f"{name} {v:.4f}" for name, v in by_score.items())
+                        for family, by_score in breakdown.items()), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2, default=str))

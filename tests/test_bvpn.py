@@ -4,13 +4,14 @@ from collections import OrderedDict
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ad_models import metrics, runs
 from ad_models.backbones import BackboneConfig, BackboneWeightsError, FeatureExtractor
-from ad_models.data.sources import prepare_category
+from ad_models.data.sources import prepare_category, synthetic
 from ad_models.defects.bank import build_bank
 from ad_models.methods import create_method, load_method
 from ad_models.methods.bvpn import (AutoEncoder3, AutoEncoder7, BVPNConfig, CentralNet, ConvBlock, ParaCentralNet,
@@ -280,6 +281,12 @@ def test_training_distils_a_teacher_selects_on_the_bank_and_round_trips(tiny_cat
     assert torch.equal(again[0], scores) and torch.equal(again[1], maps)
     result = runs.evaluate(tmp_path / "model", dataset, tmp_path / "eval", device="cpu", progress=False)
     assert 0 <= result["image_auroc"] <= 1 and "f1_at_threshold" in result
+    # the evaluation keeps the fused parts apart: which score found which defect
+    assert set(result["image_auroc_per_score_part"]) == {"structural", "logical"}
+    assert set(result["image_auroc_per_defect_type_per_score_part"]["logical"]) == set(
+        result["image_auroc_per_defect_type"])
+    table = pd.read_csv(tmp_path / "eval" / "scores.csv")
+    assert np.allclose(table.score, table.score_structural + table.score_logical, atol=1e-5)
 
 
 def test_without_good_validation_images_a_share_of_train_calibrates(tiny_category):
@@ -298,9 +305,8 @@ def test_without_good_validation_images_a_share_of_train_calibrates(tiny_categor
 # ----------------------------------------------------------------------------- slow: quality
 
 def logical_auroc(scores_csv) -> float:
-    import pandas as pd
     s = pd.read_csv(scores_csv)
-    keep = s.defect_type.isin(["good", "missing_part", "misplaced_part"])
+    keep = s.defect_type.isin(("good",) + synthetic.LOGICAL_DEFECT_TYPES)
     return metrics.image_auroc(s.label[keep].to_numpy(), s.score[keep].to_numpy())
 
 

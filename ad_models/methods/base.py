@@ -123,6 +123,12 @@ class AnomalyMethod:
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """`predict` plus the named image scores a method fuses into its score (BVPN: structural,
+        logical), so evaluations can say which part found what; none by default."""
+        scores, maps = self.predict(images)
+        return scores, maps, {}
+
     # -- persistence ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -164,16 +170,20 @@ class AnomalyMethod:
     @torch.no_grad()
     def predict_dataset(self, dataset: Dataset, batch_size: int = 8, progress: bool = True,
                         desc: str = "predict") -> dict[str, Any]:
-        """Scores and maps for a whole dataset, with labels, masks and timing, as numpy arrays."""
+        """Scores and maps for a whole dataset, with labels, masks, timing and the method's score
+        parts (`predict_parts`), as numpy arrays."""
         out: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [],
                                 "defect_types": []}
+        parts: dict[str, list] = {}
         seconds = 0.0
         for batch in tqdm(image_batches(dataset, batch_size), desc=desc, disable=not progress, leave=False):
             start = time.perf_counter()
-            scores, maps = self.predict(batch["image"])
+            scores, maps, named = self.predict_parts(batch["image"])
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             seconds += time.perf_counter() - start
+            for name, values in named.items():
+                parts.setdefault(name, []).append(values.float().cpu().numpy())
             out["scores"].append(scores.float().cpu().numpy())
             out["maps"].append(maps.float().cpu().numpy().astype(np.float32))
             out["labels"].append(np.asarray(batch["label"]))
@@ -182,6 +192,7 @@ class AnomalyMethod:
             out["defect_types"] += list(batch["defect_type"])
         result = {k: (np.concatenate(v) if k in ("scores", "maps", "labels", "masks") else v)
                   for k, v in out.items()}
+        result["score_parts"] = {name: np.concatenate(v) for name, v in parts.items()}
         result["seconds_per_image"] = seconds / max(len(dataset), 1)
         return result
 

@@ -719,6 +719,10 @@ class BVPN(AnomalyMethod):
         parts = self.score_parts(images)
         return parts["score"], parts["map"]
 
+    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        parts = self.score_parts(images)
+        return parts.pop("score"), parts.pop("map"), parts
+
     # -- persistence --------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {"logical": self.logical.state_dict() if self.logical is not None else None}

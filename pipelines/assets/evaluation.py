@@ -26,11 +26,13 @@ def build(params: Params) -> dg.AssetsDefinition:
                                device=adpipe.torch_device, batch_size=int(p.evaluation.get("batch_size", 8)),
                                gallery_size=int(p.evaluation.get("gallery_size", 6)), progress=adpipe.progress)
         per_defect = result["image_auroc_per_defect_type"]
+        by_part = result.get("image_auroc_per_defect_type_per_score_part", {})  # BVPN: structural, logical
         return dg.MaterializeResult(
             metadata={"path": dg.MetadataValue.path(str(folder)), **floats(result, HEADLINE),
                       "test_images": result["n_test"],
-                      "per_defect_type": markdown_table(["defect type", "image AUROC"],
-                                                        [[k, v] for k, v in per_defect.items()]),
+                      "per_defect_type": markdown_table(
+                          ["defect type", "image AUROC"] + [f"{part} score alone" for part in by_part],
+                          [[k, v] + [by_part[part][k] for part in by_part] for k, v in per_defect.items()]),
                       "gallery": png_preview(folder / "gallery.png")},
             check_results=[check_evaluation(result)])
 

@@ -35,6 +35,8 @@ DEFECT_TYPES: dict[str, tuple[str, ...]] = {
     "granite": ("scratch", "hole", "stain", "crack"),
     "circuit": ("scratch", "stain", "missing_part", "misplaced_part"),
 }
+# what a component-level ("logical") anomaly detector is for; the rest are structural defects
+LOGICAL_DEFECT_TYPES: tuple[str, ...] = ("missing_part", "misplaced_part")
 DATASET = "synthetic"
 _SS = 4  # supersampling factor for drawn shapes and lines: anti-aliased edges at any size
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
