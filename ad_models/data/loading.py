@@ -31,16 +31,28 @@ def _read(path: str | os.PathLike, flags: int, what: str) -> np.ndarray:
     return array
 
 
-def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Read an image as size x size x 3 uint8 RGB (grayscale replicated to 3 channels)."""
-    size = _check_size(size)
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image at its own size as H x W x 3 uint8 RGB (grayscale replicated to 3 channels);
+    FileNotFoundError or DatasetError naming the file when it is missing or does not decode."""
     image = _read(path, cv2.IMREAD_COLOR, "image")  # IMREAD_COLOR: gray -> 3 channels, 16 bit -> 8 bit
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """An RGB image as size x size, the way every model sees its input: area interpolation when
+    shrinking (no aliasing), bilinear when enlarging."""
+    size = _check_size(size)
     h, w = image.shape[:2]
     if (h, w) != (size, size):
         shrinking = size < h or size < w
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     return image
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Read an image as size x size x 3 uint8 RGB (grayscale replicated to 3 channels)."""
+    size = _check_size(size)
+    return resize_rgb(read_rgb(path), size)
 
 
 def load_mask(path: str | os.PathLike, size: int) -> np.ndarray:

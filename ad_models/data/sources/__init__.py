@@ -15,12 +15,14 @@ category folder of its own, so every later step treats it like any category.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
 
 from ad_models.data.download import RawArchive, fetch_source, resolve_archive
+from ad_models.data.ingest import ingested_images, merge_ingested
 from ad_models.data.sources import dagm, folder, magnetic_tile, mvtec_3d, mvtec_ad, mvtec_loco, synthetic, visa
 
 SOURCES: dict[str, ModuleType] = {
@@ -56,14 +58,29 @@ def check_category(source: str, name: str) -> None:
         raise ValueError(f"unknown view {view!r} of {source}/{category}; known views: {', '.join(views_of(source))}")
 
 
-def prepare_category(source: str, name: str, out_dir: str | os.PathLike, **options) -> pd.DataFrame:
+def prepare_category(source: str, name: str, out_dir: str | os.PathLike,
+                     ingested_dir: str | os.PathLike | None = None, **options) -> pd.DataFrame:
     """Prepare one category (optionally `<category>.<view>`) of one source into `out_dir`; options
-    go to that source's `prepare`."""
+    go to that source's `prepare`.
+
+    With `ingested_dir`, a store of `ad_models.data.ingest` holding accepted images, the source
+    prepares into the sibling `<out_dir>.staging` and `out_dir` is then built atomically from it
+    plus those images in train/good (see `ingest.merge_ingested`); staging is removed afterwards.
+    A crash at any point leaves the previous `out_dir` as it was."""
     check_category(source, name)
     category, view = split_view(name)
     if view != ALL_VIEW:
         options["view"] = view
-    return source_module(source).prepare(category, Path(out_dir), **options)
+    prepare = source_module(source).prepare
+    out_dir = Path(out_dir)
+    if ingested_dir is None or ingested_images(ingested_dir).empty:
+        return prepare(category, out_dir, **options)
+    staging = out_dir.with_name(out_dir.name + ".staging")  # a sibling: same `_raw` beside it, same disk
+    try:
+        prepare(category, staging, **options)
+        return merge_ingested(staging, ingested_dir, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 RAW_OPTIONS = ("source_dir", "archive", "url", "sha256", "md5", "archive_name")
