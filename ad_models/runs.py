@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ad_models import metrics
+from ad_models.data.ingest import training_data_version
 from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
 from ad_models.data.sources import mvtec_loco
@@ -66,7 +67,8 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
-    log.update(method=method, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance)
+    log.update(method=method, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
+               training_data_version=training_data_version(dataset_dir))
     calibration = None
     if can_select_on(valid_set):
         calibration = calibrate(model, valid_set, batch_size, progress)
@@ -77,6 +79,20 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
         if calibration is not None:
             write_json(tmp / CALIBRATION, calibration)
     return log
+
+
+def why_retrain(model_dir: str | os.PathLike, data_version: str) -> str | None:
+    """Why the model in `model_dir` should be trained again for a category whose training images
+    now have `data_version` (`ingest.training_data_version`), or None when it is up to date."""
+    log_file = Path(model_dir) / "training_log.json"
+    if not log_file.is_file():
+        return "no trained model yet"
+    trained_on = read_json(log_file).get("training_data_version")
+    if trained_on is None:
+        return "its training images were not recorded"
+    if trained_on != data_version:
+        return f"the training images changed (version {trained_on[:12]} -> {data_version[:12]})"
+    return None
 
 
 def calibrate(model, valid: ImageDataset, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:

@@ -14,10 +14,13 @@ import pandas as pd
 
 from ad_models.data.layout import DatasetError, count_problems, count_table, read_manifest, validate_manifest
 from ad_models.data.sources import expected_counts
+from pipelines.metadata import markdown_table as _table
 
 DATASET_VALID = "manifest_is_valid"
 COUNTS_AS_PUBLISHED = "counts_as_published"
 BETTER_THAN_CHANCE = "better_than_chance"
+INBOX_ACCEPTED = "inbox_files_accepted"
+CANDIDATE_NOT_WORSE = "candidate_not_worse"
 
 
 def dataset_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -63,3 +66,44 @@ def check_evaluation(metrics: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=BETTER_THAN_CHANCE, passed=passed,
                                severity=dg.AssetCheckSeverity.WARN,
                                metadata={"image_auroc": float("nan") if auroc is None else float(auroc)})
+
+
+def inbox_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(INBOX_ACCEPTED, asset=asset,
+                              description="Every new file in the inbox was a valid, new good image (warns, "
+                                          "listing each rejected file and why, otherwise).")]
+
+
+def check_inbox(rejected: list[tuple[str, str]], rejected_dir: Path) -> dg.AssetCheckResult:
+    metadata = {"rejected": len(rejected)}
+    if rejected:
+        metadata["reasons"] = dg.MetadataValue.md("\n".join(f"- `{name}`: {reason}" for name, reason in rejected[:50]))
+        metadata["rejected_folder"] = dg.MetadataValue.path(str(rejected_dir))
+    return dg.AssetCheckResult(check_name=INBOX_ACCEPTED, passed=not rejected, severity=dg.AssetCheckSeverity.WARN,
+                               metadata=metadata)
+
+
+def deployment_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(CANDIDATE_NOT_WORSE, asset=asset,
+                              description="The newly trained model is not worse than the deployed one on the "
+                                          "synthetic bank and labelled validation images, within the tolerance; "
+                                          "otherwise it is kept under rejected/ and not deployed (warns).")]
+
+
+def check_deployment(record: dict) -> dg.AssetCheckResult:
+    rows = comparison_rows(record)
+    metadata = {"decision": record["decision"], "candidate": record["candidate_id"],
+                "tolerance": dg.MetadataValue.float(float(record.get("tolerance", float("nan"))))}
+    if rows:
+        metadata["comparison"] = _table(["set", "metric", "candidate", "deployed"], rows)
+    if record.get("reasons"):
+        metadata["reasons"] = dg.MetadataValue.md("\n".join(f"- {r}" for r in record["reasons"]))
+    return dg.AssetCheckResult(check_name=CANDIDATE_NOT_WORSE, passed=record["decision"] != "rejected",
+                               severity=dg.AssetCheckSeverity.WARN, metadata=metadata)
+
+
+def comparison_rows(record: dict) -> list[list]:
+    """(set, metric, candidate, deployed) for every AUROC the decision compared."""
+    candidate, deployed = record.get("candidate_metrics") or {}, record.get("deployed_metrics") or {}
+    return [[name, metric, value, (deployed.get(name) or {}).get(metric, "-")]
+            for name, values in candidate.items() for metric, value in values.items() if metric.endswith("auroc")]

@@ -5,6 +5,10 @@
     adpipe materialize --select dataset,defect_bank --category synthetic/fabric
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
+    adpipe ingest                                        # take new good images from the inboxes now
+    adpipe retrain                                       # retrain (and maybe deploy) what is stale, now
+    adpipe retrain --force --method pfm --category synthetic/fabric
+    adpipe predict --category synthetic/fabric --method pfm images/*.png --out predictions/
 
 Runs are recorded in the Dagster instance at $DAGSTER_HOME when it is set (so `dagster dev` shows
 them), otherwise in a throwaway one.
@@ -15,7 +19,9 @@ import argparse
 import os
 import sys
 
-ORDER = ["raw_dataset", "dataset", "defect_bank", "model", "evaluation", "report"]
+ORDER = ["raw_dataset", "ingested_goods", "dataset", "defect_bank", "model", "evaluation", "deployed_model", "report"]
+PER_CATEGORY = ["ingested_goods", "dataset", "defect_bank"]
+PER_MODEL = ["model", "evaluation", "deployed_model"]
 
 
 def _instance():
@@ -24,7 +30,9 @@ def _instance():
 
 
 def materialize(select: list[str], categories: list[str] | None, methods: list[str] | None,
-                params_file: str | None, device: str = "") -> int:
+                params_file: str | None, device: str = "", pairs: list[tuple[str, str]] | None = None) -> int:
+    """Materialize `select` (in ORDER) for the chosen categories and methods; per-model assets for
+    each (category, method) of `pairs` when given, else for every combination."""
     import dagster as dg
 
     from pipelines.definitions import build_assets
@@ -33,12 +41,7 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     from pipelines.resources import AdpipeResource
 
     params = load_params(params_file)
-    categories = categories or params.categories
-    methods = methods or params.methods
-    for name, wanted, known in (("category", categories, params.categories), ("method", methods, params.methods)):
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise SystemExit(f"adpipe: unknown {name} {unknown} (params.yaml has {known})")
+    categories, methods = _chosen(params, categories, methods)
     assets = build_assets(params)
     resources = {"adpipe": AdpipeResource(params_file=str(params.file), device=device)}
     instance = _instance()
@@ -57,17 +60,87 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
         for dataset in dict.fromkeys(c.split("/", 1)[0] for c in categories):
             if dataset in raw:
                 run(["raw_dataset"], dataset)
-    per_category = [s for s in ("dataset", "defect_bank") if s in select]
+    per_category = [s for s in PER_CATEGORY if s in select]
     if per_category:
         for category in categories:
             run(per_category, category)
-    per_model = [s for s in ("model", "evaluation") if s in select]
+    per_model = [s for s in PER_MODEL if s in select]
     if per_model:
-        for category in categories:
-            for method in methods:
-                run(per_model, model_partition_key(category, method))
+        for category, method in pairs or [(c, m) for c in categories for m in methods]:
+            run(per_model, model_partition_key(category, method))
     if "report" in select:
         run(["report"])
+    return 0
+
+
+def _chosen(params, categories: list[str] | None, methods: list[str] | None) -> tuple[list[str], list[str]]:
+    """The categories and methods asked for (default: all of params.yaml's), checked."""
+    categories = categories or params.categories
+    methods = methods or params.methods
+    for name, wanted, known in (("category", categories, params.categories), ("method", methods, params.methods)):
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise SystemExit(f"adpipe: unknown {name} {unknown} (params.yaml has {known})")
+    return categories, methods
+
+
+def ingest_now(categories: list[str] | None, params_file: str | None, device: str = "") -> int:
+    """What the inbox sensor does, now: an ingestion run for each category with new files."""
+    from pipelines.automation import waiting_by_category
+    from pipelines.params import load_params
+    params = load_params(params_file)
+    categories, _ = _chosen(params, categories, None)
+    waiting = {c: f for c, f in waiting_by_category(params).items() if c in categories}
+    if not waiting:
+        print("adpipe: no new files in the inboxes of " + ", ".join(categories), file=sys.stderr)
+        return 0
+    for category, files in waiting.items():
+        print(f"adpipe: {category}: {len(files)} new file(s)", file=sys.stderr)
+    return materialize(PER_CATEGORY, list(waiting), None, params_file, device)
+
+
+def retrain_now(categories: list[str] | None, methods: list[str] | None, force: bool,
+                params_file: str | None, device: str = "") -> int:
+    """What the retraining schedule does, now: train, evaluate and deploy-if-not-worse the models
+    whose training images changed (every chosen one with --force), then the report."""
+    from pipelines.automation import stale_models
+    from pipelines.params import load_params
+    params = load_params(params_file)
+    categories, methods = _chosen(params, categories, methods)
+    if force:
+        pairs = [(c, m) for c in categories for m in methods]
+    else:
+        stale = stale_models(params, categories, methods)
+        for (category, method), (why, _) in stale.items():
+            print(f"adpipe: {method} on {category}: {why}", file=sys.stderr)
+        pairs = list(stale)
+    if not pairs:
+        print("adpipe: every model was trained on its category's current training images", file=sys.stderr)
+        return 0
+    return materialize(PER_MODEL + ["report"], categories, methods, params_file, device, pairs=pairs)
+
+
+def predict(category: str, method: str | None, images: list[str], out: str, params_file: str | None,
+            device: str = "") -> int:
+    """Score images with the deployed model of (method, category); write maps and pass/fail."""
+    from ad_models.deploy import deployed_info
+    from ad_models.predict import predict_images
+    from pipelines.params import load_params
+    params = load_params(params_file)
+    _chosen(params, [category], [method] if method else None)
+    if method is None:  # the first of params.yaml's methods with a deployed model for the category
+        method = next((m for m in params.methods if deployed_info(params.deploy_dir(m, category))), None)
+        if method is None:
+            raise SystemExit(f"adpipe: no deployed model for {category} yet (run the pipeline, or `adpipe retrain`)")
+    folder = params.deploy_dir(method, category)
+    if deployed_info(folder) is None:
+        raise SystemExit(f"adpipe: no deployed {method} model for {category} in {folder}")
+    table = predict_images(folder, images, out, device=device or params.device)
+    failed = int((table.verdict == "fail").sum())
+    print(f"adpipe: {method} on {category}: {len(table) - failed} pass, {failed} fail "
+          f"(threshold {table.threshold.iloc[0]:.4g}); maps and predictions.csv in {out}", file=sys.stderr)
+    for row in table.itertuples():
+        print(f"{row.verdict}\t{row.score:.6g}\t{row.image}")
     return 0
 
 
@@ -82,6 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--method", action="append", help="a method partition (repeatable)")
     mat.add_argument("--device", default="", help="torch device override: cpu, cuda, cuda:1, auto")
     sub.add_parser("partitions", help="print the category and method partitions")
+    ing = sub.add_parser("ingest", help="take new good images from data/incoming/<category>/good/ now")
+    ing.add_argument("--category", action="append", help="a category (repeatable; default: all)")
+    ing.add_argument("--device", default="")
+    ret = sub.add_parser("retrain", help="train, evaluate and deploy-if-not-worse the stale models now")
+    ret.add_argument("--category", action="append", help="a category (repeatable; default: all)")
+    ret.add_argument("--method", action="append", help="a method (repeatable; default: all)")
+    ret.add_argument("--force", action="store_true", help="retrain the chosen models even if up to date")
+    ret.add_argument("--device", default="")
+    pre = sub.add_parser("predict", help="score images with the deployed model: maps + pass/fail")
+    pre.add_argument("--category", required=True, help="the '<dataset>/<category>' the images show")
+    pre.add_argument("--method", help="default: the first of params.yaml's methods with a deployed model")
+    pre.add_argument("--out", default="predictions", help="folder for maps, masks and predictions.csv")
+    pre.add_argument("--device", default="")
+    pre.add_argument("images", nargs="+", help="image files")
     args = parser.parse_args(argv)
 
     if args.command == "partitions":
@@ -90,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         print("categories:", " ".join(params.categories))
         print("methods:", " ".join(params.methods))
         return 0
+    if args.command == "ingest":
+        return ingest_now(args.category, args.params, args.device)
+    if args.command == "retrain":
+        return retrain_now(args.category, args.method, args.force, args.params, args.device)
+    if args.command == "predict":
+        return predict(args.category, args.method, args.images, args.out, args.params, args.device)
     select = [s.strip() for s in args.select.split(",") if s.strip()]
     unknown = [s for s in select if s not in ORDER]
     if unknown:

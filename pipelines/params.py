@@ -15,7 +15,14 @@ import yaml
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
 PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
 KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation",
-              "defect_bank"}
+              "defect_bank", "ingest", "retraining"}
+RETRAINING_DEFAULTS = {
+    "cron": "0 2 * * *",  # the schedule that retrains models whose training images changed: nightly, 02:00
+    "timezone": "UTC",
+    "tolerance": 0.01,  # a candidate may score this much below the deployed model and still replace it
+    "good_quantile": 0.99,  # predict's image threshold: the share of good images that should pass
+    "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
+}
 
 
 class ParamsError(ValueError):
@@ -34,6 +41,8 @@ class Params:
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     defect_bank: dict[str, Any] = field(default_factory=dict)  # BankConfig options + per_category overrides
+    ingest: dict[str, Any] = field(default_factory=dict)  # IngestRules options for new good images
+    retraining: dict[str, Any] = field(default_factory=lambda: dict(RETRAINING_DEFAULTS))
 
     # -- where things live under data/ ---------------------------------------------------------
     def dataset_dir(self, category: str) -> Path:
@@ -57,7 +66,21 @@ class Params:
         return options
 
     def model_dir(self, method: str, category: str) -> Path:
+        """The latest trained model: a candidate for deployment."""
         return self.data_root / "models" / method / category
+
+    def deploy_dir(self, method: str, category: str) -> Path:
+        """The deployed model (current/), rejected candidates and the decision history."""
+        return self.data_root / "deployed" / method / category
+
+    def ingest_folders(self, category: str):
+        """The inbox, rejected and store folders of new good images (data/incoming, data/ingested)."""
+        from ad_models.data.ingest import ingest_folders
+        return ingest_folders(self.data_root, category)
+
+    def ingest_rules(self):
+        from ad_models.data.ingest import IngestRules
+        return IngestRules.from_dict(self.ingest)
 
     def eval_dir(self, method: str, category: str) -> Path:
         return self.data_root / "eval" / method / category
@@ -97,6 +120,19 @@ class Params:
     def _resolve(self, path: str | os.PathLike) -> Path:
         path = Path(os.path.expanduser(str(path)))
         return path if path.is_absolute() else (self.file.parent / path).resolve()
+
+
+def _check_retraining(path: Path, retraining: dict[str, Any]) -> None:
+    unknown = sorted(set(retraining) - set(RETRAINING_DEFAULTS))
+    if unknown:
+        raise ParamsError(f"{path}: retraining: unknown keys {unknown}; known: {sorted(RETRAINING_DEFAULTS)}")
+    from dagster._utils.schedules import is_valid_cron_string  # dagster's own check of the schedule
+    if not isinstance(retraining["cron"], str) or not is_valid_cron_string(retraining["cron"]):
+        raise ParamsError(f"{path}: retraining.cron: {retraining['cron']!r} is not a cron string such as '0 2 * * *'")
+    for key, low, high in (("tolerance", 0, 1), ("good_quantile", 0, 1), ("inbox_poll_seconds", 1, 86400)):
+        value = retraining[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ParamsError(f"{path}: retraining.{key} must be a number in [{low}, {high}], got {value!r}")
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:
@@ -143,7 +179,13 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     params = Params(file=path, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")),
                     data_root=Path(), datasets=datasets, categories=categories, methods=methods,
                     method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
-                    defect_bank=raw.get("defect_bank") or {})
+                    defect_bank=raw.get("defect_bank") or {}, ingest=raw.get("ingest") or {},
+                    retraining={**RETRAINING_DEFAULTS, **(raw.get("retraining") or {})})
+    _check_retraining(path, params.retraining)
+    try:
+        params.ingest_rules()
+    except ValueError as e:
+        raise ParamsError(f"{path}: ingest: {e}") from e
     from ad_models.defects.bank import BankConfig
     from ad_models.methods.base import config_from_dict
     sections = {"defect_bank": params.defect_bank,

@@ -433,3 +433,21 @@ def test_merge_ingested_refuses_a_name_clash(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         merge_ingested(staging, folders.store, tmp_path / "fabric")
     assert not (tmp_path / "fabric").exists()
+
+
+def test_waiting_files_are_what_the_next_ingest_takes_and_the_store_can_exist_empty(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    assert ingest_module.waiting_files(tmp_path / "missing") == []
+    for name in ("b.png", "a.png", ".hidden.png", "c.png.part"):
+        (inbox / name).write_bytes(b"x")
+    young = inbox / "d.png"
+    young.write_bytes(b"x")
+    old = time.time() - 60
+    for name in ("a.png", "b.png", ".hidden.png", "c.png.part"):
+        os.utime(inbox / name, (old, old))
+    rules = ingest_module.IngestRules(min_age_seconds=30)
+    assert [p.name for p in ingest_module.waiting_files(inbox, rules)] == ["a.png", "b.png"]
+    store = ingest_module.ensure_store(tmp_path / "store")
+    assert (store / "good").is_dir() and ingest_module.ingested_images(store).empty
+    assert list(ingest_module.ingested_images(store).columns)[:len(ingest_module.LEDGER_COLUMNS)] == ingest_module.LEDGER_COLUMNS

@@ -33,6 +33,21 @@ TINY = {
 }
 
 
+def new_good(folder: Path, category: str, n: int, inbox: Path, seed: int = 99) -> list[Path]:
+    """`n` good images of a synthetic category the dataset does not have (another seed), copied into
+    `inbox` with an old modification time (a finished copy)."""
+    from ad_models.data.sources import prepare_category
+    manifest = prepare_category("synthetic", category, folder, n_train=n, n_test_good=0, n_test_defect=0,
+                                size=64, seed=seed)
+    dropped = []
+    for i, source in enumerate(manifest.path[manifest.split == "train"]):
+        target = inbox / f"new_{i:03d}.png"
+        shutil.copyfile(source, target)
+        os.utime(target, (time.time() - 60, time.time() - 60))
+        dropped.append(target)
+    return dropped
+
+
 def write_params(folder: Path, **changes) -> Path:
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump({**TINY, **changes}))
@@ -43,7 +58,8 @@ def test_default_params_define_the_graph():
     defs = build_definitions(load_params(ROOT / "params.yaml"))
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"raw_dataset", "dataset", "defect_bank", "model", "evaluation", "report"}
+    assert keys == {"raw_dataset", "ingested_goods", "dataset", "defect_bank", "model", "evaluation",
+                    "deployed_model", "report"}
     # magnetic tile is configured (a download) but not among the categories; synthetic is generated
     assert graph.get(dg.AssetKey("raw_dataset")).partitions_def.get_partition_keys() == ["magnetic_tile"]
     model = graph.get(dg.AssetKey("model"))
@@ -202,8 +218,8 @@ def test_dagster_dev_loads_the_code_location(tmp_path):
             except (OSError, KeyError, TypeError, ValueError):
                 time.sleep(1)
         assert nodes, "dagster dev did not serve the asset graph within 120 s"
-        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "dataset", "defect_bank", "model",
-                                                            "evaluation", "report"}
+        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "ingested_goods", "dataset", "defect_bank",
+                                                            "model", "evaluation", "deployed_model", "report"}
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -236,11 +252,24 @@ def test_dvc_repro_rebuilds_and_then_does_nothing(tmp_path):
     first = run(str(BIN / "dvc"), "repro")
     assert "Running stage 'train@mean_image-synthetic/granite'" in first
     assert (repo / "data" / "reports" / "report.html").is_file()
+    assert (repo / "data" / "deployed" / "mean_image" / "synthetic" / "granite" / "current" / "weights.pt").is_file()
     second = run(str(BIN / "dvc"), "repro")
-    assert "Running stage" not in second and "up to date" in second
+    # only the inbox is looked at again (it is not versioned); with nothing new, nothing else runs
+    assert [line for line in second.splitlines() if "Running stage" in line] == [
+        "Running stage 'ingest@synthetic/granite':"]
+    assert "Stage 'train@mean_image-synthetic/granite' didn't change, skipping" in second
     shown = run(str(BIN / "dvc"), "metrics", "show", "--json")
     metrics = json.loads(shown)
     values = next(iter(metrics.values()))["data"]["data/reports/metrics.json"]["data"]
     assert 0.0 <= values["synthetic/granite"]["mean_image"]["image_auroc"] <= 1.0
     plots = run(str(BIN / "dvc"), "plots", "show", "--json")
     assert "mean_image__synthetic__granite.csv" in plots
+    # a new good image in the inbox: the category's dataset, bank, model, evaluation and deployment go stale
+    inbox = repo / "data" / "incoming" / "synthetic" / "granite" / "good"
+    inbox.mkdir(parents=True)
+    new_good(tmp_path / "new", "granite", 1, inbox)
+    third = run(str(BIN / "dvc"), "repro")
+    for stage in ("ingest@synthetic/granite", "dataset@synthetic/granite", "train@mean_image-synthetic/granite",
+                  "deploy@mean_image-synthetic/granite", "report"):
+        assert f"Running stage '{stage}'" in third, third[-3000:]
+    assert not any(inbox.iterdir())

@@ -241,6 +241,32 @@ def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+def waiting_files(inbox_dir: str | os.PathLike, rules: IngestRules | None = None) -> list[Path]:
+    """The inbox files the next `ingest` would take (not ignored, old enough), sorted by name; cheap
+    (a directory listing and stats), for a sensor to poll."""
+    rules, inbox = rules or IngestRules(), Path(inbox_dir)
+    if not inbox.is_dir():
+        return []
+    now, waiting = time.time(), []
+    for path in sorted(inbox.iterdir()):
+        try:
+            if path.is_file() and not _is_ignored(path.name) and now - path.stat().st_mtime >= rules.min_age_seconds:
+                waiting.append(path)
+        except FileNotFoundError:
+            pass  # taken away while we looked
+    return waiting
+
+
+def ensure_store(store_dir: str | os.PathLike) -> Path:
+    """Create an empty store (good/ and a ledger with its header) if there is none, so the store
+    exists before anything is ingested (DVC's dataset stage depends on it)."""
+    store = Path(store_dir)
+    if not (store / LEDGER_NAME).is_file():
+        (store / "good").mkdir(parents=True, exist_ok=True)
+        _write_ledger(store, [])
+    return store
+
+
 def _problem(name: str, image: np.ndarray | None, digest: str, rules: IngestRules,
              dataset: _Dataset, ledger: dict[str, dict]) -> str | None:
     """Why the decoded file cannot join the training set, or None when it can."""
@@ -382,6 +408,12 @@ def ingest(inbox_dir: str | os.PathLike, store_dir: str | os.PathLike, rejected_
 
 
 # ----------------------------------------------------------------------------- versions and merging
+
+def store_version(store_dir: str | os.PathLike) -> str:
+    """A hash of the accepted images' contents: changes exactly when an image is added."""
+    digests = sorted(_read_ledger(Path(store_dir))["sha256"])
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
 
 def training_data_version(dataset_dir: str | os.PathLike) -> str:
     """A sha256 hex digest over the sorted (path relative to the category folder, sha256 of the

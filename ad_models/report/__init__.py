@@ -35,6 +35,22 @@ class EvalEntry:
     category: str  # "<dataset>/<category>"
     method: str
     folder: Path
+    deploy_dir: Path | None = None  # its deployment folder (ad_models.deploy), when there is one
+
+
+def _deployment(entry: EvalEntry) -> dict | None:
+    """Which model is deployed and the decisions that led there, newest first."""
+    from ad_models.deploy import deployment_history
+    history = deployment_history(entry.deploy_dir) if entry.deploy_dir else []
+    if not history:
+        return None
+    deployed = next((h for h in reversed(history) if h["decision"] in ("first", "deployed")), None)
+    return {"method": entry.method, "deployed": deployed["candidate_id"] if deployed else "none",
+            "since": deployed["decided_at"][:16].replace("T", " ") if deployed else "",
+            "threshold": _fmt((deployed.get("threshold") or {}).get("image")) if deployed else "n/a",
+            "history": [{"at": h["decided_at"][:16].replace("T", " "), "id": h["candidate_id"],
+                         "decision": h["decision"], "why": "; ".join(h.get("reasons") or [])}
+                        for h in reversed(history)]}
 
 
 def _png_data_uri(data: bytes) -> str:
@@ -84,8 +100,10 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
             curves[entry.method] = pd.read_csv(entry.folder / "roc.csv")
             galleries.append({"method": entry.method,
                               "uri": _png_data_uri((entry.folder / "gallery.png").read_bytes())})
+        deployments = [d for d in (_deployment(e) for e in entries if e.category == category) if d]
         categories.append({"name": category, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
-                           "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]})})
+                           "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]}),
+                           "deployments": deployments})
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("ad_models.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]))

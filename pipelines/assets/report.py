@@ -9,11 +9,12 @@ from pipelines.resources import AdpipeResource
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="report", group_name="reports", deps=["evaluation"],
-              description="The HTML report over every category and method in params.yaml.")
+    @dg.asset(name="report", group_name="reports", deps=["evaluation", "deployed_model"],
+              description="The HTML report over every category and method in params.yaml, with the deployed "
+                          "model of each and its history.")
     def report(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
         p = adpipe.params
-        entries = [EvalEntry(c, m, p.eval_dir(m, c)) for c in p.categories for m in p.methods]
+        entries = [EvalEntry(c, m, p.eval_dir(m, c), p.deploy_dir(m, c)) for c in p.categories for m in p.methods]
         metrics = build_report(entries, p.report_dir)
         rows = [[c, m, v.get("image_auroc"), v.get("pixel_auroc"), v.get("aupro")]
                 for c, by_method in metrics.items() for m, v in by_method.items()]
