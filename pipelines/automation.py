@@ -73,7 +73,8 @@ def stale_models(params: Params, categories: list[str] | None = None,
 
 
 def build_inbox_sensor(params: Params) -> dg.SensorDefinition:
-    @dg.sensor(name="inbox_sensor", job_name=INGEST_JOB,
+    # running from the start: dropping files into an inbox is the whole user interface
+    @dg.sensor(name="inbox_sensor", job_name=INGEST_JOB, default_status=dg.DefaultSensorStatus.RUNNING,
                minimum_interval_seconds=int(params.retraining["inbox_poll_seconds"]),
                description="New files in data/incoming/<dataset>/<category>/good/ -> one ingestion run for that "
                            "category (checks each file, adds the valid ones, rejects the others with a reason).")
@@ -94,6 +95,7 @@ def build_retrain_schedule(params: Params) -> dg.ScheduleDefinition:
     cfg = params.retraining
 
     @dg.schedule(name="retrain_schedule", job_name=RETRAIN_JOB, cron_schedule=cfg["cron"],
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
                  execution_timezone=cfg["timezone"],
                  description=f"Retrain ({cfg['cron']}, {cfg['timezone']}) only the (method, category) models whose "
                              f"training images changed since they were trained; each is then evaluated and "

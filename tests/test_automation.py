@@ -57,6 +57,7 @@ def test_the_schedule_and_pools_come_from_params(trained):
     defs, params = trained["defs"], trained["params"]
     schedule = defs.resolve_schedule_def("retrain_schedule")
     assert schedule.cron_schedule == "30 3 * * *" and schedule.job_name == "retrain"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     assert defs.resolve_sensor_def("inbox_sensor").minimum_interval_seconds == 30
     graph = defs.resolve_asset_graph()
     for key in ("model", "evaluation", "deployed_model"):  # one GPU step at a time (dagster.yaml's limit)
