@@ -15,10 +15,11 @@ share the `gpu` concurrency pool (dagster.yaml: one at a time), so a nightly bat
 from __future__ import annotations
 
 import hashlib
+import time
 
 import dagster as dg
 
-from ad_models.data.ingest import training_data_version, waiting_files
+from ad_models.data.ingest import store_version, training_data_version, waiting_files
 from ad_models.runs import why_retrain
 from pipelines.params import Params
 from pipelines.partitions import category_partitions, model_partition_key, model_partitions
@@ -41,10 +42,17 @@ def build_jobs(params: Params) -> list[dg.UnresolvedAssetJobDefinition]:
     ]
 
 
-def inbox_fingerprint(files) -> str:
-    """Names, sizes and modification times: a new run key when the inbox content changes."""
+def ingest_run_key(params: Params, category: str, files, now: float | None = None) -> str:
+    """A run key that changes when there is reason to look again: the waiting files (names, sizes,
+    modification times), the store (some files of a crashed run were added), the prepared dataset
+    (files wait for it) or the hour (a run that crashed before adding anything is retried hourly,
+    not on every tick)."""
     stats = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha256("\n".join(stats).encode()).hexdigest()[:16]
+    manifest = params.dataset_dir(category) / "manifest.csv"
+    stats += [store_version(params.ingest_folders(category).store),
+              str(manifest.stat().st_mtime_ns) if manifest.is_file() else "not prepared",
+              str(int((time.time() if now is None else now) // 3600))]
+    return f"{category}:{hashlib.sha256(chr(10).join(stats).encode()).hexdigest()[:16]}"
 
 
 def waiting_by_category(params: Params) -> dict[str, list]:
@@ -84,8 +92,7 @@ def build_inbox_sensor(params: Params) -> dg.SensorDefinition:
             return dg.SkipReason("no new files in the inboxes")
         for category, files in waiting.items():
             context.log.info(f"{category}: {len(files)} new file(s), e.g. {files[0].name}")
-            # the same inbox content never triggers twice; a crashed run's leftovers get a new key
-            yield dg.RunRequest(run_key=f"{category}:{inbox_fingerprint(files)}", partition_key=category,
+            yield dg.RunRequest(run_key=ingest_run_key(adpipe.params, category, files), partition_key=category,
                                 tags={"adpipe/new_files": str(len(files))})
 
     return inbox_sensor

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ad_models import runs
-from pipelines.automation import INGEST_ASSETS, RETRAIN_ASSETS
+from pipelines.automation import INGEST_ASSETS, RETRAIN_ASSETS, ingest_run_key
 from pipelines.cli import main
 from pipelines.definitions import build_definitions
 from pipelines.params import ParamsError, load_params
@@ -118,6 +118,18 @@ def materialize_dataset_version(t, category) -> str:
     records = t["instance"].fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("dataset"), asset_partitions=[category]), limit=1).records
     return records[0].asset_materialization.tags["dagster/data_version"]
+
+
+def test_the_ingest_run_key_changes_only_when_there_is_reason_to_look_again(trained, tmp_path):
+    params = trained["params"]
+    (tmp_path / "a.png").write_bytes(b"x")
+    files = [tmp_path / "a.png"]
+    key = ingest_run_key(params, FABRIC, files, now=7200.0)
+    assert ingest_run_key(params, FABRIC, files, now=7300.0) == key  # the same files within the hour: no new run
+    assert ingest_run_key(params, FABRIC, files, now=10800.0) != key  # a crashed run is retried the next hour
+    (tmp_path / "b.png").write_bytes(b"y")
+    assert ingest_run_key(params, FABRIC, files + [tmp_path / "b.png"], now=7200.0) != key
+    assert ingest_run_key(params, CIRCUIT, files, now=7200.0) != key
 
 
 def test_a_worse_candidate_is_not_deployed(trained, tmp_path):

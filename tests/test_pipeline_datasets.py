@@ -48,7 +48,8 @@ def test_raw_partitions_and_mapping(loco_params):
     defs = build_definitions(params, progress=False)
     graph = defs.resolve_asset_graph()
     dataset = graph.get(dg.AssetKey("dataset"))
-    assert {k.to_user_string() for k in dataset.parent_keys} == {"raw_dataset"}
+    # the raw download and the goods ingested from the inbox feed the dataset
+    assert {k.to_user_string() for k in dataset.parent_keys} == {"raw_dataset", "ingested_goods"}
 
 
 def test_loco_through_the_graph(loco_params):
