@@ -65,11 +65,16 @@ def main() -> None:
     parser.add_argument("--bank-size", type=int, default=256, help="image size of the defect bank")
     parser.add_argument("--foreground", nargs="*", default=["circuit"], help="categories whose bank keeps "
                         "defects on the object")
+    parser.add_argument("--test-good", type=int, default=20, help="good test images per built-in category")
+    parser.add_argument("--test-defect", type=int, default=32, help="defective test images per built-in category "
+                        "(split evenly across its defect types)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in categories")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(RESULTS / "methods.json"))
     args = parser.parse_args()
 
-    datasets = [("synthetic", c, {}) for c in args.categories]
+    built_in = {"n_test_good": args.test_good, "n_test_defect": args.test_defect, "seed": args.seed}
+    datasets = [("synthetic", c, built_in) for c in args.categories]
     if args.magnetic_tile:
         datasets.append(("magnetic_tile", "tile", {"source_dir": args.magnetic_tile,
                                                    "limit_per_kind": args.limit_per_kind}))

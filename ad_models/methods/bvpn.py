@@ -153,6 +153,7 @@ class BVPNConfig:
     min_component: float = 0.001  # share of the image (release: > 50 px at 224 x 224)
     drop_background: bool = True
     layout: bool = True  # each kept cluster's centroid joins the descriptor
+    layout_grid: int = 6  # and its share of each cell of a g x g grid (0: off; off for textures)
     # fusion
     fusion: str = "sum"  # FUSIONS: z_structural + w z_logical, or max(z_structural, w z_logical)
     logical_weight: float = 1.0  # w
@@ -188,8 +189,8 @@ class BVPNConfig:
                self.clusters, self.knn, self.logical_size, self.min_calibration) < 1:
             raise ValueError("iterations, batch_size, distill_batch_size, distill_scale, ssim_window, clusters, knn, "
                              "logical_size and min_calibration must be at least 1")
-        if min(self.distill_iterations, self.select_every, self.distill_views) < 0:
-            raise ValueError("distill_iterations, distill_views and select_every must be at least 0")
+        if min(self.distill_iterations, self.select_every, self.distill_views, self.layout_grid) < 0:
+            raise ValueError("distill_iterations, distill_views, select_every and layout_grid must be at least 0")
         if not 0 < self.coreset_ratio <= 1 or not 0 <= self.min_component < 1:
             raise ValueError("coreset_ratio must be in (0, 1] and min_component in [0, 1)")
         if not (isinstance(self.logical_network, dict) or self.logical_network == "auto"
@@ -454,7 +455,8 @@ class BVPN(AnomalyMethod):
             self.logical = LogicalModule(
                 features, size=cfg.logical_size, clusters=cfg.clusters, coreset_ratio=cfg.coreset_ratio,
                 colour_weight=cfg.colour_weight, knn=cfg.knn, min_component=cfg.min_component,
-                drop_background=cfg.drop_background, layout=cfg.layout, seed=cfg.seed)
+                drop_background=cfg.drop_background, layout=cfg.layout,
+                layout_grid=cfg.layout_grid, seed=cfg.seed)
         self.net.eval()
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
