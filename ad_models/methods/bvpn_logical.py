@@ -35,9 +35,9 @@ Inferred or simplified (each a config option of `BVPNConfig`):
   The module sees the method's input (`image_size`) resized to `logical_size`.
 - No dense CRF (pydensecrf is unmaintained and not installed): pixels take the label of the
   largest clamped similarity at `segment_size` = half the input side (112 x 112 for 224; the
-  release thresholds CRF marginals per cluster at 224 x 224); a pixel with no positive similarity is unlabelled. Hard labels also make the release's
-  Otsu-threshold search (a multiplier per cluster chosen by the coefficient of variation of areas)
-  unnecessary.
+  release thresholds CRF marginals per cluster at 224 x 224); a pixel with no positive similarity
+  is unlabelled. Hard labels also make the release's Otsu-threshold search (a multiplier per
+  cluster chosen by the coefficient of variation of areas) unnecessary.
 - Background filter on all training images (mean number of corners covered >= 3; a corner is
   covered when half of its square, side 1/10 of the image, has the cluster), not on the first
   one only. When every cluster touches the corners (a texture), all clusters are kept.
