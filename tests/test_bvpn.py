@@ -335,7 +335,7 @@ def test_bvpn_finds_missing_and_misplaced_parts_better_than_pfm(tmp_path):
     prepare_category("synthetic", "circuit", dataset, n_train=60, n_test_good=20, n_test_defect=40, size=128, seed=1)
     bank = tmp_path / "bank"
     build_bank(dataset, bank, {"image_size": 128, "foreground": True}, progress=False)
-    configs = {"bvpn": {**CPU_BUDGET, "image_size": 128, "logical_size": 128, "clusters": 8, "coreset_ratio": 0.05},
+    configs = {"bvpn": {**CPU_BUDGET, "image_size": 128, "logical_size": 128, "coreset_ratio": 0.05},
                "pfm": {"image_size": 128, "epochs": 10}}
     results = {}
     for method, config in configs.items():

@@ -58,8 +58,10 @@ Inferred or simplified (each a config option of `BVPNConfig`):
   grid of a 128 px input 1 % is 3, and k-means on so few was unstable (same circuits: 0.814 /
   0.808 at 1 %, 0.889 / 0.908 at 3 %, 0.928 / 0.923 at 5 %, 0.914 / - at 10 %, 0.897 / - at 20 %):
   params.yaml sets 5 % for 128 px.
-- k (`clusters`) is a per-category setting: the release uses 6 everywhere; the synthetic circuit
-  has more kinds of part and gains from 8 (0.948 against 0.903 with 6, 128 px).
+- k (`clusters`) is a per-category setting; the release uses 6 everywhere. With a 1 % coreset the
+  synthetic circuit gained from 8 (0.948 against 0.903 with 6, seed 0), but with the 5 % coreset and
+  the layout grid 6 is as good (development circuits, seeds 7 / 8: 0.973 / 0.976 with 6, 0.969 /
+  0.973 with 8, 0.959 / 0.954 with 10): params.yaml keeps the release's 6.
 - Normalisation: each feature is z-scored with the training mean and standard deviation (the
   release divides area and colour by their training means), with a floor on the deviation in the
   feature's own unit (`STD_FLOORS`: a quarter component, 0.1 % of the image, 0.25 Lab units, 0.2 %
