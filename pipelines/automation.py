@@ -52,7 +52,8 @@ def ingest_run_key(params: Params, category: str, files, now: float | None = Non
     stats += [store_version(params.ingest_folders(category).store),
               str(manifest.stat().st_mtime_ns) if manifest.is_file() else "not prepared",
               str(int((time.time() if now is None else now) // 3600))]
-    return f"{category}:{hashlib.sha256(chr(10).join(stats).encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256("\n".join(stats).encode()).hexdigest()[:16]
+    return f"{category}:{digest}"
 
 
 def waiting_by_category(params: Params) -> dict[str, list]:
