@@ -18,8 +18,8 @@ run: setup  ## the main job: datasets -> models -> evaluation -> report, through
 	$(BIN)/dvc repro
 	@echo "report: $(CURDIR)/data/reports/report.html"
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup  ## one worker per core, the slow real-data tests first
+	$(BIN)/python -m pytest -q -n auto --dist load
 
 bench: setup
 	$(BIN)/python bench/bench_methods.py

@@ -8,7 +8,8 @@ Model folder:      config.json, weights.pt, training_log.json, calibration.json 
                    the synthetic defect bank, when there is one)
 Evaluation folder: metrics.json, scores.csv (one row per test image; a column per score part for
                    methods that fuse several, e.g. BVPN's score_structural, score_logical), roc.csv (image-level ROC),
-                   gallery.png (test images, anomaly maps, ground truth)
+                   gallery.png (test images, anomaly maps, ground truth), learning_curve.csv (the model's
+                   training loss and bank scores per epoch or iteration, copied from its training log)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ad_models.methods import create_method, load_method
 from ad_models.methods.base import can_select_on
 
 CALIBRATION = "calibration.json"
+LEARNING_CURVE = "learning_curve.csv"  # in the evaluation folder: the model's training, for the report
 
 
 def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
@@ -93,6 +95,29 @@ def why_retrain(model_dir: str | os.PathLike, data_version: str) -> str | None:
     if trained_on != data_version:
         return f"the training images changed (version {trained_on[:12]} -> {data_version[:12]})"
     return None
+
+
+def learning_curve(log: dict[str, Any]) -> pd.DataFrame:
+    """A training log as one table over training steps: `step` (epochs, or iterations for methods
+    that count them), the total training `loss` and, at the checkpoints scored on the bank, the
+    bank's image / pixel AUROC and `selected` for the kept one. NaN where a row has no such figure.
+
+    Loss rows are epochs, or means over `loss_every_iterations` iterations; NDP-Net scores its
+    checkpoints in phase-2 epochs, which come after `phase1_epochs` in its loss rows."""
+    every = log.get("loss_every_iterations") or 1
+    rows, checkpoints = log.get("loss_per_epoch") or [], log.get("checkpoint_selection") or []
+    losses = pd.DataFrame({"step": pd.Series([(i + 1) * every for i in range(len(rows))], dtype="int64"),
+                           "loss": pd.Series([float(sum(row)) for row in rows], dtype="float64")})
+    offset = log.get("phase1_epochs", 0) if "phase2_epochs" in log else 0
+    scored = pd.DataFrame({  # typed columns: a log without checkpoints must still merge
+        "step": pd.Series([s["epoch"] + offset for s in checkpoints], dtype="int64"),
+        "bank_image_auroc": pd.Series([s["image_auroc"] for s in checkpoints], dtype="float64"),
+        "bank_pixel_auroc": pd.Series([s["pixel_auroc"] for s in checkpoints], dtype="float64"),
+        "selected": pd.Series([s["epoch"] == log.get("selected_epoch") for s in checkpoints], dtype="boolean")})
+    curve = losses.merge(scored, on="step", how="outer").sort_values("step", ignore_index=True)
+    curve["selected"] = curve["selected"].fillna(False).astype(bool)
+    curve.insert(1, "unit", "iteration" if log.get("loss_every_iterations") else "epoch")
+    return curve
 
 
 def calibrate(model, valid: ImageDataset, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
@@ -233,5 +258,6 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
                       **{f"score_{name}": v for name, v in parts.items()}}
                      ).to_csv(tmp / "scores.csv", index=False, lineterminator="\n")
         pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(tmp / "roc.csv", index=False, lineterminator="\n")
+        learning_curve(training_log).to_csv(tmp / LEARNING_CURVE, index=False, lineterminator="\n")
         cv2.imwrite(str(tmp / "gallery.png"), gallery[..., ::-1])
     return result

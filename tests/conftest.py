@@ -5,6 +5,12 @@ import os
 
 # No model hub is reachable here: fail fast instead of retrying for a minute per lookup.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per xdist worker (the workers share the cores), for this process and the
+    # ones its tests start (dvc, dagster)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
 
 import functools
 import re
@@ -110,3 +116,8 @@ def http_server(tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def pytest_collection_modifyitems(items):
+    """The slow (real-data, end-to-end) tests first, so parallel workers do not end on one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

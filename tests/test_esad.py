@@ -3,12 +3,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ad_models import runs
+from ad_models import metrics, runs
+from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
 from ad_models.data.sources import prepare_category
 from ad_models.defects import grid_masks
 from ad_models.defects.bank import build_bank, read_bank
 from ad_models.methods import create_method, esad, load_method
+from ad_models.methods.base import probe_checkpoints
 from ad_models.methods.esad import (ESAD, ESADConfig, FeatureBlock, LightUNet, feature_distance_map, feature_loss,
                                     fill, gaussian_kernel, gaussian_smooth, inpaint_all, ssim)
 
@@ -198,6 +200,18 @@ def test_training_runs_and_maps_come_back_at_input_size(trained):
         assert torch.equal(again[0], scores) and torch.equal(again[1], maps)
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_reconstruction_losses_train_g1_only_when_asked(joint):
+    # only the feature loss on G2's output: by default it must not reach G1, whose inpainting it
+    # kept from learning (pixel MSE 0.088 after 8 epochs against 0.001 without it, docstring)
+    method = ESAD({**TINY, "epochs": 1, "w_px": 0.0, "w_ssim": 0.0, "w_feat": 1.0, "joint_gradients": joint})
+    g1 = {k: v.clone() for k, v in method.net.inpaint.named_parameters()}
+    g2 = {k: v.clone() for k, v in method.net.reconstruct.named_parameters()}
+    method.fit(RandomImages(4, 32), device="cpu", progress=False)
+    assert not all(torch.equal(g2[k], v) for k, v in method.net.reconstruct.named_parameters())
+    assert all(torch.equal(g1[k], v) for k, v in method.net.inpaint.named_parameters()) != joint
+
+
 def test_save_load_round_trip_gives_identical_predictions(trained, tmp_path):
     method, _, _ = trained
     method.save(tmp_path / "model")
@@ -236,7 +250,7 @@ def test_checkpoint_selection_on_a_defect_bank(tmp_path, monkeypatch):
         return {**score, "selection_score": 1.0 / len(calls)}
 
     monkeypatch.setattr(ESAD, "validation_score", scripted)
-    config = {**TINY, "image_size": 64, "select_every": 1, "test_cell_sizes": (16, 32)}
+    config = {**TINY, "image_size": 64, "select_every": 1, "test_cell_sizes": (16, 32), "test_fill": "average"}
     log = runs.train("esad", config, dataset, tmp_path / "model", bank_dir=bank, device="cpu", progress=False)
     assert log["counts"]["train"] == 7 and log["train_images"] == 7
     assert [s["epoch"] for s in log["checkpoint_selection"]] == [1, 2] and log["selected_epoch"] == 1
@@ -289,3 +303,53 @@ def test_esad_beats_the_mean_image_baseline_on_magnetic_tile(shared_data, tmp_pa
     assert ours["image_auroc"] > baseline["image_auroc"] + 0.07
     assert ours["pixel_auroc"] > baseline["pixel_auroc"] + 0.04
     assert ours["aupro"] > baseline["aupro"] + 0.15
+
+
+def test_auto_test_fill_is_the_rule_that_ranks_the_bank_better(tiny_category, tmp_path, monkeypatch):
+    dataset, bank = tiny_category
+    real_score = ESAD.validation_score
+
+    def favour_inpainted(self, valid, batch_size=8):  # the real score, plus a margin for one rule
+        score = real_score(self, valid, batch_size)
+        return {**score, "selection_score": score["selection_score"] + (self.config.test_fill == "inpainted")}
+
+    monkeypatch.setattr(ESAD, "validation_score", favour_inpainted)
+    config = {**TINY, "image_size": 64, "select_every": 1}
+    log = runs.train("esad", config, dataset, tmp_path / "model", bank_dir=bank, device="cpu", progress=False)
+    assert log["test_fill"] == "inpainted" and set(log["test_fill_bank_scores"]) == {"average", "inpainted"}
+    assert load_method(tmp_path / "model", device="cpu").config.test_fill == "inpainted"  # saved resolved
+    # without a bank nothing can rank the rules: the README's
+    method = ESAD(TINY)
+    assert method.config.test_fill == "auto"
+    log = method.fit(RandomImages(4, 32), device="cpu", progress=False)
+    assert method.config.test_fill == "average" and log["test_fill"] == "average"
+
+
+@pytest.mark.slow
+def test_training_on_magnetic_tile_does_not_end_below_its_first_epoch(shared_data, tmp_path):
+    """What a user gets after training (the bank-selected checkpoint and test rule) must not score
+    below the model after one epoch: the GPU run that found ESAD getting worse as it trained."""
+    dataset = tmp_path / "tile"
+    prepare_category("magnetic_tile", "tile", dataset, source_dir=shared_data / "magnetic_tile", limit_per_kind=60)
+    bank = tmp_path / "bank"
+    build_bank(dataset, bank, {"image_size": 64, "min_holdout": 10, "defects_per_image": 2}, progress=False)
+    test = read_manifest(dataset).query("split == 'test'")
+    first = {}
+
+    def after_first_epoch(model):  # the test set only judges the training here, it selects nothing
+        if not first:
+            pred = model.predict_dataset(ImageDataset(test, 64), progress=False)
+            first.update(image=metrics.image_auroc(pred["labels"], pred["scores"]),
+                         pixel=metrics.pixel_auroc(pred["masks"], pred["maps"]))
+        return {}
+
+    config = {"image_size": 64, "widths": (16, 16, 32, 32, 64), "feature_network": "efficientnet_lite0",
+              "epochs": 8, "lr": 1e-3, "select_every": 1}
+    with probe_checkpoints(after_first_epoch):
+        log = runs.train("esad", config, dataset, tmp_path / "model", bank_dir=bank, device="cpu", progress=False)
+    final = runs.evaluate(tmp_path / "model", dataset, tmp_path / "eval", device="cpu", progress=False)
+    print("after epoch 1", first, "final", {k: round(final[k], 4) for k in ("image_auroc", "pixel_auroc")},
+          "selected epoch", log["selected_epoch"], "test fill", log["test_fill"], log["test_fill_bank_scores"])
+    # measured: image AUROC 0.722 after epoch 1, 0.724 kept (epoch 2, README rule; the bank's two rules
+    # within 0.003). Pixel AUROC still falls, 0.658 -> 0.631: not asserted, issue 14 stays open for it
+    assert final["image_auroc"] >= first["image"] - 0.02

@@ -1,4 +1,5 @@
 """NDP-Net: its pieces against hand-made cases, a short training run, save/load, real data."""
+import pandas as pd
 import pytest
 import torch
 
@@ -94,6 +95,13 @@ def test_two_phase_training_selects_on_the_bank_and_round_trips(tiny_category, t
     assert torch.equal(again[0], scores) and torch.equal(again[1], maps)
     result = runs.evaluate(tmp_path / "model", dataset, tmp_path / "eval", device="cpu", progress=False)
     assert "f1_at_threshold" in result and 0 <= result["good_pass_rate_at_threshold"] <= 1
+
+    # the learning curve puts phase-2 checkpoints after phase 1's epochs, where their losses are
+    curve = pd.read_csv(tmp_path / "eval" / "learning_curve.csv")
+    assert curve.step.tolist() == [1, 2, 3, 4] and set(curve.unit) == {"epoch"}
+    assert curve.bank_image_auroc.notna().tolist() == [False, False, True, True]
+    assert curve.step[curve.selected].tolist() == [2 + log["selected_epoch"]]
+    assert curve.loss.tolist() == pytest.approx([sum(row) for row in log["loss_per_epoch"]])
 
 
 def test_phase_two_leaves_the_encoder_as_phase_one_made_it(tiny_category):

@@ -117,6 +117,7 @@ def test_whole_graph_end_to_end(tmp_path):
     report = (data / "reports" / "report.html").read_text()
     assert "synthetic/circuit" in report and "AUPRO" in report and report.count("data:image/png;base64,") >= 6
     assert "<script src" not in report and "<link" not in report  # self-contained
+    assert 'alt="pfm learning curve for synthetic/fabric"' in report and "mean_image learning curve" not in report
     dvc_metrics = json.loads((data / "reports" / "metrics.json").read_text())
     assert set(dvc_metrics["synthetic/fabric"]) == {"pfm", "mean_image"}
     assert len(list((data / "reports" / "roc").glob("*.csv"))) == 4
@@ -139,12 +140,14 @@ def test_ndpnet_through_the_graph(tmp_path):
     trained = result.asset_materializations_for_node("model")[0].metadata
     assert trained["selected_epoch"].value in (1, 2) and "bank image AUROC" in trained["checkpoint_selection"].value
     assert "def_per" in trained["loss_curve"].value
+    assert "data:image/png;base64," in trained["learning_curve"].value
     assert "tf_efficientnet_lite0" in trained["weights"].value["perceptual"]
     evaluated = result.asset_materializations_for_node("evaluation")[0].metadata
     assert 0 <= evaluated["image_auroc"].value <= 1 and 0 <= evaluated["f1_at_threshold"].value <= 1
     assert dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources,
                           instance=instance).success
-    assert "ndpnet" in (tmp_path / "data" / "reports" / "report.html").read_text()
+    report = (tmp_path / "data" / "reports" / "report.html").read_text()
+    assert "ndpnet" in report and 'alt="ndpnet learning curve for synthetic/fabric"' in report
 
 
 def test_esad_and_slsg_through_the_graph_with_per_category_options(tmp_path):

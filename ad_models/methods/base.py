@@ -14,6 +14,7 @@ library versions) and `weights.pt`; `load` needs nothing else, on any machine.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import json
@@ -210,6 +211,22 @@ def can_select_on(valid: Dataset | None) -> bool:
     return valid is not None and len(set(getattr(valid, "labels", []))) == 2
 
 
+# Benchmarks only: a callable(method) -> {name: value} run at every checkpoint scoring, its figures
+# recorded beside the bank score (the test AUROC, to judge the selection rule). Never set by the pipeline.
+_checkpoint_probe: contextvars.ContextVar = contextvars.ContextVar("checkpoint_probe", default=None)
+
+
+@contextlib.contextmanager
+def probe_checkpoints(probe) -> Iterator[None]:
+    """Within the block, every `CheckpointSelection.consider` also records `probe(method)`: how a
+    benchmark sees whether the bank's choice of checkpoint tracks real defects."""
+    token = _checkpoint_probe.set(probe)
+    try:
+        yield
+    finally:
+        _checkpoint_probe.reset(token)
+
+
 class CheckpointSelection:
     """Keeps the best state of `modules` on validation data with defects (the synthetic bank):
 
@@ -231,7 +248,8 @@ class CheckpointSelection:
         if not self.enabled:
             return
         score = self.method.validation_score(self.valid, self.batch_size)
-        self.history.append({"epoch": epoch, **score})
+        probe = _checkpoint_probe.get()
+        self.history.append({"epoch": epoch, **score, **(probe(self.method) if probe else {})})
         if score["selection_score"] > self._best[0]:
             self._best = (score["selection_score"], [copy.deepcopy(m.state_dict()) for m in self.modules])
 

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ad_models.io import atomic_path, read_json, write_json, write_text  # noqa: E402
+from ad_models.runs import LEARNING_CURVE  # noqa: E402
 
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"),
                  ("f1_max", "F1-max"), ("train_seconds", "training s"), ("inference_ms_per_image", "ms / image")]
@@ -71,6 +72,36 @@ def _roc_figure(curves: dict[str, pd.DataFrame], title: str) -> str:
     return _png_data_uri(buffer.getvalue())
 
 
+def learning_curve_png(curve: pd.DataFrame, title: str) -> bytes:
+    """A model's training at a glance (a `runs.learning_curve` table): the loss (left axis) and, at
+    each checkpoint scored on the synthetic bank, its image / pixel AUROC (right axis), the kept
+    checkpoint marked. A bank score that falls while the loss falls is over-training; one still
+    rising at the end is under-training."""
+    fig, ax = plt.subplots(figsize=(3.8, 2.6), dpi=110)
+    unit = curve["unit"].iloc[0] if len(curve) else "epoch"
+    loss = curve.dropna(subset=["loss"])
+    if len(loss):
+        ax.plot(loss.step, loss.loss, color="0.45", lw=1.2, label="loss")
+        if (loss.loss > 0).all():
+            ax.set_yscale("log")
+    ax.set(xlabel=unit, ylabel="training loss", title=title)
+    scored = curve.dropna(subset=["bank_image_auroc"])
+    if len(scored):
+        bank = ax.twinx()
+        bank.plot(scored.step, scored.bank_image_auroc, "o-", ms=3, lw=1.2, color="tab:blue", label="bank image AUROC")
+        bank.plot(scored.step, scored.bank_pixel_auroc, "s-", ms=3, lw=1.2, color="tab:orange",
+                  label="bank pixel AUROC")
+        for step in scored.step[scored.selected]:
+            bank.axvline(step, color="tab:green", lw=1, ls="--", label="kept")
+        bank.set(ylabel="bank AUROC", ylim=(min(0.5, float(scored[["bank_image_auroc", "bank_pixel_auroc"]].min().min())), 1.0))
+        bank.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _fmt(value) -> str:
     if value is None:
         return "n/a"
@@ -88,7 +119,7 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
     all_metrics: dict[str, dict[str, dict]] = {}
     categories = []
     for category in dict.fromkeys(e.category for e in entries):
-        rows, curves, galleries = [], {}, []
+        rows, curves, galleries, learning = [], {}, [], []
         results = {e.method: read_json(e.folder / "metrics.json") for e in entries if e.category == category}
         columns = TABLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in m for m in results.values())]
         for entry in (e for e in entries if e.category == category):
@@ -100,10 +131,15 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
             curves[entry.method] = pd.read_csv(entry.folder / "roc.csv")
             galleries.append({"method": entry.method,
                               "uri": _png_data_uri((entry.folder / "gallery.png").read_bytes())})
+            # none in evaluations from before learning curves; empty for methods that do not train (mean_image)
+            curve = pd.read_csv(entry.folder / LEARNING_CURVE) if (entry.folder / LEARNING_CURVE).is_file() else None
+            if curve is not None and not curve.empty:
+                learning.append({"method": entry.method,
+                                 "uri": _png_data_uri(learning_curve_png(curve, f"{entry.method}: training"))})
         deployments = [d for d in (_deployment(e) for e in entries if e.category == category) if d]
         categories.append({"name": category, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
                            "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]}),
-                           "deployments": deployments})
+                           "deployments": deployments, "learning_curves": learning})
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("ad_models.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]))
