@@ -20,7 +20,12 @@ def image_preview(image: np.ndarray, name: str, max_width: int = 480) -> dg.Meta
         scale = max_width / image.shape[1]
         image = cv2.resize(image, (max_width, max(1, round(image.shape[0] * scale))), interpolation=cv2.INTER_AREA)
     ok, data = cv2.imencode(".png", image)
-    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(data.tobytes()).decode()})")
+    return png_markdown(data.tobytes(), name)
+
+
+def png_markdown(png: bytes, name: str) -> dg.MetadataValue:
+    """PNG bytes as inline markdown, as they are (a figure already drawn at preview size)."""
+    return dg.MetadataValue.md(f"![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> dg.MetadataValue:

@@ -1,12 +1,10 @@
 """The `model` asset: one method trained on one category (data/models/<method>/<dataset>/<category>)."""
 
-import cv2
 import dagster as dg
-import numpy as np
 
 from ad_models import runs
 from ad_models.report import learning_curve_png
-from pipelines.metadata import image_preview, markdown_table
+from pipelines.metadata import markdown_table, png_markdown
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -57,9 +55,8 @@ def build(params: Params) -> dg.AssetsDefinition:
                 [[s["epoch"], s["image_auroc"], s["pixel_auroc"]] for s in log["checkpoint_selection"]])
             metadata["selected_epoch"] = log["selected_epoch"]
         if log.get("loss_per_epoch") or log.get("checkpoint_selection"):
-            png = learning_curve_png(runs.learning_curve(log), f"{method} on {category}")
-            metadata["learning_curve"] = image_preview(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR),
-                                                       "learning curve")
+            metadata["learning_curve"] = png_markdown(
+                learning_curve_png(runs.learning_curve(log), f"{method} on {category}"), "learning curve")
         return dg.MaterializeResult(metadata=metadata)
 
     return model
