@@ -4,6 +4,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 PYTHON ?= python3
 export PATH := $(BIN):$(PATH)
 export HF_HUB_OFFLINE ?= 1
+# the run history every way of running shares (pipelines/instance.py uses the same default)
+DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: setup run test bench dev clean
 
@@ -24,9 +26,9 @@ test: setup  ## one worker per core, the slow real-data tests first
 bench: setup
 	$(BIN)/python bench/bench_methods.py
 
-dev: setup  ## the Dagster UI on http://127.0.0.1:3000, runs recorded in .dagster_home
-	mkdir -p .dagster_home && cp -n dagster.yaml .dagster_home/ 2>/dev/null || true
-	DAGSTER_HOME=$(CURDIR)/.dagster_home $(BIN)/dagster dev -m pipelines.definitions
+dev: setup  ## the Dagster UI on http://127.0.0.1:3000, over the run history of `make run` and `adpipe`
+	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -m pipelines.definitions
 
 clean:
 	rm -rf data/datasets data/models data/eval data/reports

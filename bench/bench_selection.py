@@ -34,6 +34,7 @@ from ad_models.data.layout import read_manifest  # noqa: E402
 from ad_models.data.loading import ImageDataset  # noqa: E402
 from ad_models.data.sources import prepare_category  # noqa: E402
 from ad_models.defects.bank import build_bank  # noqa: E402
+from ad_models.methods import load_method  # noqa: E402
 from ad_models.methods.base import probe_checkpoints  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,7 +125,13 @@ def main() -> None:
             with probe_checkpoints(test_probe(rows, args.image_size, f"{source}/{category} {method}")):
                 log = runs.train(method, config, dataset_dir, model_dir, bank_dir=bank_dir, device=args.device,
                                  progress=False)
-            history = log["checkpoint_selection"]
+            history = log.get("checkpoint_selection", [])
+            if not history:  # a baseline, or selection off: the final model's test figures only
+                final = test_probe(rows, args.image_size, f"{source}/{category} {method}")(load_method(model_dir))
+                runs_out.append({"dataset": f"{source}/{category}", "method": method, "config": config,
+                                 "history": [], "train_seconds": log["train_seconds"],
+                                 **{f"last_{k}": v for k, v in final.items()}})
+                continue
             print(f"{source}/{category} {method}: {'step':>6} {'bank img':>8} {'bank pix':>8} {'bank':>6} "
                   f"{'test img':>8} {'test pix':>8}")
             for h in history:
@@ -140,9 +147,9 @@ def main() -> None:
             runs_out.append({"dataset": f"{source}/{category}", "method": method, "config": config,
                              "history": history, "selected": log["selected_epoch"],
                              "train_seconds": log["train_seconds"], **verdict})
-    if len(runs_out) > 1:
-        gaps = [r["gap_test_image_auroc"] for r in runs_out]
-        rhos = [r["spearman_test_image_auroc"] for r in runs_out]
+    if sum(bool(r["history"]) for r in runs_out) > 1:
+        gaps = [r["gap_test_image_auroc"] for r in runs_out if r["history"]]
+        rhos = [r["spearman_test_image_auroc"] for r in runs_out if r["history"]]
         print(f"# all runs: image AUROC gap mean {np.mean(gaps):.4f}, max {np.max(gaps):.4f}; "
               f"spearman mean {np.nanmean(rhos):+.3f}")
     out = Path(args.out)

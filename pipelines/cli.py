@@ -10,23 +10,17 @@
     adpipe retrain --force --method pfm --category synthetic/fabric
     adpipe predict --category synthetic/fabric --method pfm images/*.png --out predictions/
 
-Runs are recorded in the Dagster instance at $DAGSTER_HOME when it is set (so `dagster dev` shows
-them), otherwise in a throwaway one.
+Runs are recorded in the project's Dagster instance ($DAGSTER_HOME, default .dagster_home beside
+params.yaml), the one `make dev` opens, so the UI shows every materialization however it was run.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 ORDER = ["raw_dataset", "ingested_goods", "dataset", "defect_bank", "model", "evaluation", "deployed_model", "report"]
 PER_CATEGORY = ["ingested_goods", "dataset", "defect_bank"]
 PER_MODEL = ["model", "evaluation", "deployed_model"]
-
-
-def _instance():
-    import dagster as dg
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
 def materialize(select: list[str], categories: list[str] | None, methods: list[str] | None,
@@ -36,6 +30,7 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     import dagster as dg
 
     from pipelines.definitions import build_assets
+    from pipelines.instance import get_instance, reclaim_dead_runs, run_tags
     from pipelines.params import load_params
     from pipelines.partitions import model_partition_key
     from pipelines.resources import AdpipeResource
@@ -44,7 +39,10 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     categories, methods = _chosen(params, categories, methods)
     assets = build_assets(params)
     resources = {"adpipe": AdpipeResource(params_file=str(params.file), device=device)}
-    instance = _instance()
+    instance = get_instance(params)
+    for run_id in reclaim_dead_runs(instance):
+        print(f"adpipe: run {run_id} lost its process; marked failed, its gpu slot freed", file=sys.stderr)
+    tags = run_tags()
 
     def run(selection: list[str], partition_key=None) -> None:
         label = f"{'+'.join(selection)}" + (f" [{partition_key}]" if partition_key else "")
@@ -52,7 +50,7 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
         # AssetKeys, not strings: dagster's string-selection parser needs antlr4 4.13, while dvc's
         # hydra dependency pins antlr4 4.9
         dg.materialize(assets, selection=[dg.AssetKey(s) for s in selection], partition_key=partition_key,
-                       resources=resources, instance=instance)
+                       resources=resources, instance=instance, tags=tags)
 
     select = [s for s in ORDER if s in select]
     if "raw_dataset" in select:  # the raw datasets behind the chosen categories; generated ones have none

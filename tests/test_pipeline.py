@@ -1,4 +1,5 @@
 """The Dagster code location and the whole graph, end to end, on a tiny synthetic dataset."""
+import contextlib
 import json
 import os
 import shutil
@@ -189,6 +190,11 @@ def test_cli_runs_a_selection(tmp_path):
     assert main(["--params", str(params), "materialize", "--select", "dataset,defect_bank,model"]) == 0
     assert (tmp_path / "data" / "models" / "mean_image" / "synthetic" / "granite" / "weights.pt").is_file()
     assert not (tmp_path / "data" / "eval").exists()
+    # recorded in the project's instance beside params.yaml, where `make dev` looks
+    instance = dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home"))
+    assert instance.get_materialized_partitions(dg.AssetKey("model")) == {
+        model_partition_key("synthetic/granite", "mean_image")}
+    assert instance.get_materialized_partitions(dg.AssetKey("dataset")) == {"synthetic/granite"}
     with pytest.raises(SystemExit):
         main(["--params", str(params), "materialize", "--category", "synthetic/fabric"])
 
@@ -199,30 +205,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_dagster_dev_loads_the_code_location(tmp_path):
-    """`dagster dev` starts, loads pipelines.definitions and serves its assets over GraphQL."""
+@contextlib.contextmanager
+def dagster_dev(home: Path, params: Path):
+    """`dagster dev` over the instance in `home`, on 127.0.0.1; yields a GraphQL query function once
+    the code location serves its assets (stopped on exit)."""
     port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "ADPIPE_PARAMS": str(ROOT / "params.yaml")}
-    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ADPIPE_PARAMS": str(params)}
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
     proc = subprocess.Popen([str(BIN / "dagster"), "dev", "-m", "pipelines.definitions", "-p", str(port),
                              "-h", "127.0.0.1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+
+    def graphql(query: str) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=5).read())["data"]
+
     try:
-        deadline, nodes = time.time() + 120, None
-        while time.time() < deadline and nodes is None:
+        deadline, served = time.time() + 120, False
+        while time.time() < deadline and not served:
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
-                                                 headers={"Content-Type": "application/json"})
-                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
-                nodes = body["data"]["assetNodes"] or None
+                served = bool(graphql("{ assetNodes { assetKey { path } } }")["assetNodes"])
             except (OSError, KeyError, TypeError, ValueError):
                 time.sleep(1)
-        assert nodes, "dagster dev did not serve the asset graph within 120 s"
-        assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "ingested_goods", "dataset", "defect_bank",
-                                                            "model", "evaluation", "deployed_model", "report"}
+        assert served, "dagster dev did not serve the asset graph within 120 s"
+        yield graphql
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -230,6 +239,30 @@ def test_dagster_dev_loads_the_code_location(tmp_path):
         except subprocess.TimeoutExpired:  # a loaded machine can make the graceful shutdown slow
             os.killpg(proc.pid, 9)
             proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_dagster_dev_loads_the_code_location(tmp_path):
+    """`dagster dev` starts, loads pipelines.definitions and serves its assets over GraphQL."""
+    with dagster_dev(tmp_path, ROOT / "params.yaml") as graphql:
+        nodes = graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
+    assert {n["assetKey"]["path"][0] for n in nodes} == {"raw_dataset", "ingested_goods", "dataset", "defect_bank",
+                                                        "model", "evaluation", "deployed_model", "report"}
+
+
+@pytest.mark.slow
+def test_the_ui_shows_what_the_cli_materialized(tmp_path):
+    """One run history: `adpipe materialize` (what every DVC stage runs) records into the project's
+    instance, and `dagster dev` over it lists the materialized partitions with their metadata."""
+    from pipelines.cli import main
+    params = write_params(tmp_path, categories=["synthetic/granite"], methods=["mean_image"])
+    assert main(["--params", str(params), "materialize", "--select", "dataset,defect_bank,model"]) == 0
+    with dagster_dev(tmp_path / ".dagster_home", params) as graphql:
+        asset = graphql('{ assetOrError(assetKey: {path: ["model"]}) { ... on Asset { assetMaterializations '
+                        '{ partition metadataEntries { label } } } } }')["assetOrError"]
+    [materialization] = asset["assetMaterializations"]
+    assert set(materialization["partition"].split("|")) == {"synthetic/granite", "mean_image"}
+    assert {"train_seconds", "image_threshold"} <= {e["label"] for e in materialization["metadataEntries"]}
 
 
 @pytest.mark.slow
@@ -254,6 +287,9 @@ def test_dvc_repro_rebuilds_and_then_does_nothing(tmp_path):
     run(str(BIN / "dvc"), "config", "core.analytics", "false")
     first = run(str(BIN / "dvc"), "repro")
     assert "Running stage 'train@mean_image-synthetic/granite'" in first
+    model_runs = dg.DagsterInstance.from_config(str(repo / ".dagster_home")).fetch_materializations(
+        dg.AssetKey("model"), limit=10).records
+    assert [r.asset_materialization.partition for r in model_runs] == ["synthetic/granite|mean_image"]
     assert (repo / "data" / "reports" / "report.html").is_file()
     assert (repo / "data" / "deployed" / "mean_image" / "synthetic" / "granite" / "current" / "weights.pt").is_file()
     second = run(str(BIN / "dvc"), "repro")
@@ -275,4 +311,7 @@ def test_dvc_repro_rebuilds_and_then_does_nothing(tmp_path):
     for stage in ("ingest@synthetic/granite", "dataset@synthetic/granite", "train@mean_image-synthetic/granite",
                   "deploy@mean_image-synthetic/granite", "report"):
         assert f"Running stage '{stage}'" in third, third[-3000:]
+    # the retraining joins the same run history
+    assert len(dg.DagsterInstance.from_config(str(repo / ".dagster_home")).fetch_materializations(
+        dg.AssetKey("model"), limit=10).records) == 2
     assert not any(inbox.iterdir())
