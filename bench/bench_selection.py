@@ -119,8 +119,8 @@ def main() -> None:
         print(f"# {source}/{category}: {runs.split_counts(manifest)}, {len(rows)} test images scored per checkpoint",
               flush=True)
         for method in args.methods:
-            config = {"image_size": args.image_size, "select_every": DEFAULT_SELECT_EVERY.get(method, 1),
-                      **args.method_config.get(method, {})}
+            every = {"select_every": DEFAULT_SELECT_EVERY[method]} if method in DEFAULT_SELECT_EVERY else {}
+            config = {"image_size": args.image_size, **every, **args.method_config.get(method, {})}
             model_dir = RESULTS / "models_selection" / Path(args.out).stem / method / source / category
             with probe_checkpoints(test_probe(rows, args.image_size, f"{source}/{category} {method}")):
                 log = runs.train(method, config, dataset_dir, model_dir, bank_dir=bank_dir, device=args.device,

@@ -11,6 +11,7 @@ import yaml
 
 from pipelines.instance import dagster_home, get_instance, reclaim_dead_runs
 from pipelines.params import load_params
+from tests.servers import postgres_server
 from tests.test_pipeline import BIN, ROOT, TINY, write_params
 
 
@@ -79,3 +80,29 @@ def test_a_killed_adpipe_run_does_not_block_the_next(tmp_path):
     assert main(["--params", str(params), "materialize", "--select", "model"]) == 0
     # dataset + bank, the killed training, the next one
     assert sorted(r.status.value for r in instance.get_runs()) == ["FAILURE", "SUCCESS", "SUCCESS"]
+
+
+@pytest.mark.slow
+def test_concurrent_writers_share_an_instance_on_postgresql(tmp_path):
+    """dagster.yaml with the PostgreSQL storage: two `adpipe` processes (two categories) write into
+    one instance at the same time, their training steps take turns on the gpu pool, and both runs'
+    materializations are in the history."""
+    pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed (the `scale` extra)")
+    with postgres_server() as db:
+        (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({
+            **yaml.safe_load((ROOT / "dagster.yaml").read_text()),
+            "storage": {"postgres": {"postgres_db": db}}}))
+        params = write_params(tmp_path, categories=["synthetic/granite", "synthetic/fabric"], methods=["mean_image"])
+        env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+        logs = [tmp_path / "granite.log", tmp_path / "fabric.log"]
+        procs = [subprocess.Popen([str(BIN / "adpipe"), "--params", str(params), "materialize", "--category", category,
+                                   "--select", "dataset,defect_bank,model"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=log.open("w"))
+                 for category, log in zip(("synthetic/granite", "synthetic/fabric"), logs)]
+        for proc, log in zip(procs, logs):
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        instance = get_instance(load_params(params))
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert instance.get_materialized_partitions(dg.AssetKey("dataset")) == {"synthetic/granite", "synthetic/fabric"}
+        assert len(instance.get_materialized_partitions(dg.AssetKey("model"))) == 2
+        instance.dispose()
