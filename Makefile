@@ -27,7 +27,7 @@ bench: setup
 	$(BIN)/python bench/bench_methods.py
 
 dev: setup  ## the Dagster UI on http://127.0.0.1:3000, over the run history of `make run` and `adpipe`
-	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/adpipe instance
 	DAGSTER_HOME=$(DAGSTER_HOME) $(BIN)/dagster dev -m pipelines.definitions
 
 clean:

@@ -5,6 +5,7 @@
     adpipe materialize --select dataset,defect_bank --category synthetic/fabric
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
+    adpipe instance                                      # prepare the run history `dagster dev` shows
     adpipe ingest                                        # take new good images from the inboxes now
     adpipe retrain                                       # retrain (and maybe deploy) what is stale, now
     adpipe retrain --force --method pfm --category synthetic/fabric
@@ -29,16 +30,15 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     each (category, method) of `pairs` when given, else for every combination."""
     import dagster as dg
 
-    from pipelines.definitions import build_assets
+    from pipelines.definitions import build_assets, build_resources
     from pipelines.instance import get_instance, reclaim_dead_runs, run_tags
     from pipelines.params import load_params
     from pipelines.partitions import model_partition_key
-    from pipelines.resources import AdpipeResource
 
     params = load_params(params_file)
     categories, methods = _chosen(params, categories, methods)
     assets = build_assets(params)
-    resources = {"adpipe": AdpipeResource(params_file=str(params.file), device=device)}
+    resources = build_resources(params, device)
     instance = get_instance(params)
     for run_id in reclaim_dead_runs(instance):
         print(f"adpipe: run {run_id} lost its process; marked failed, its gpu slot freed", file=sys.stderr)
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--method", action="append", help="a method partition (repeatable)")
     mat.add_argument("--device", default="", help="torch device override: cpu, cuda, cuda:1, auto")
     sub.add_parser("partitions", help="print the category and method partitions")
+    sub.add_parser("instance", help="prepare the run history (DAGSTER_HOME) that `dagster dev` opens; print its path")
     ing = sub.add_parser("ingest", help="take new good images from data/incoming/<category>/good/ now")
     ing.add_argument("--category", action="append", help="a category (repeatable; default: all)")
     ing.add_argument("--device", default="")
@@ -174,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         print("categories:", " ".join(params.categories))
         print("methods:", " ".join(params.methods))
+        return 0
+    if args.command == "instance":
+        from pipelines.instance import dagster_home, get_instance, reclaim_dead_runs
+        from pipelines.params import load_params
+        params = load_params(args.params)
+        reclaim_dead_runs(get_instance(params))
+        print(dagster_home(params))
         return 0
     if args.command == "ingest":
         return ingest_now(args.category, args.params, args.device)

@@ -20,6 +20,7 @@ import dagster as dg
 import psutil
 
 from ad_models.io import write_text
+from pipelines.devices import set_gpu_pool_limit
 from pipelines.params import Params
 
 HOME_ENV = "DAGSTER_HOME"
@@ -40,7 +41,8 @@ def settings_file(params: Params) -> Path:
 
 
 def get_instance(params: Params) -> dg.DagsterInstance:
-    """The persistent instance of this project, created on first use. Step subprocesses (the
+    """The persistent instance of this project, created on first use, its `gpu` pool as wide as this
+    machine has devices. Step subprocesses (the
     multiprocess and celery executors) get a reference to it from Dagster, not from the environment."""
     home = dagster_home(params)
     home.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,9 @@ def get_instance(params: Params) -> dg.DagsterInstance:
     current = home / SETTINGS
     if not current.is_file() or current.read_text() != wanted:
         write_text(current, wanted)
-    return dg.DagsterInstance.from_config(str(home))
+    instance = dg.DagsterInstance.from_config(str(home))
+    set_gpu_pool_limit(instance, params)
+    return instance
 
 
 HOST_TAG, PID_TAG, PROCESS_START_TAG = "adpipe/host", "adpipe/pid", "adpipe/process_started"

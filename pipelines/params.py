@@ -15,13 +15,21 @@ import yaml
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
 PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
 KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation",
-              "defect_bank", "ingest", "retraining"}
+              "defect_bank", "ingest", "retraining", "execution"}
 RETRAINING_DEFAULTS = {
     "cron": "0 2 * * *",  # the schedule that retrains models whose training images changed: nightly, 02:00
     "timezone": "UTC",
     "tolerance": 0.01,  # a candidate may score this much below the deployed model and still replace it
     "good_quantile": 0.99,  # predict's image threshold: the share of good images that should pass
     "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
+}
+
+EXECUTORS = ("in_process", "multiprocess")
+EXECUTION_DEFAULTS = {
+    "executor": "in_process",  # of the runs Dagster launches (UI, schedules, sensors); `adpipe` runs in-process
+    "devices": "auto",  # accelerator indices the GPU steps share on a machine: "auto" = every CUDA device, or [0, 1]
+    "max_concurrent": 0,  # multiprocess: steps at once (0: as many as the machine has cores)
+    "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)
 }
 
 
@@ -43,6 +51,7 @@ class Params:
     defect_bank: dict[str, Any] = field(default_factory=dict)  # BankConfig options + per_category overrides
     ingest: dict[str, Any] = field(default_factory=dict)  # IngestRules options for new good images
     retraining: dict[str, Any] = field(default_factory=lambda: dict(RETRAINING_DEFAULTS))
+    execution: dict[str, Any] = field(default_factory=lambda: dict(EXECUTION_DEFAULTS))
 
     # -- where things live under data/ ---------------------------------------------------------
     def dataset_dir(self, category: str) -> Path:
@@ -135,6 +144,21 @@ def _check_retraining(path: Path, retraining: dict[str, Any]) -> None:
             raise ParamsError(f"{path}: retraining.{key} must be a number in [{low}, {high}], got {value!r}")
 
 
+def _check_execution(path: Path, execution: dict[str, Any]) -> None:
+    unknown = sorted(set(execution) - set(EXECUTION_DEFAULTS))
+    if unknown:
+        raise ParamsError(f"{path}: execution: unknown keys {unknown}; known: {sorted(EXECUTION_DEFAULTS)}")
+    if execution["executor"] not in EXECUTORS:
+        raise ParamsError(f"{path}: execution.executor must be one of {list(EXECUTORS)}, not {execution['executor']!r}")
+    devices = execution["devices"]
+    if devices != "auto" and not (isinstance(devices, list) and devices and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) and len(set(devices)) == len(devices)):
+        raise ParamsError(f"{path}: execution.devices must be 'auto' or a list of distinct device indices such as "
+                          f"[0, 1], not {devices!r}")
+    if not isinstance(execution["max_concurrent"], int) or execution["max_concurrent"] < 0:
+        raise ParamsError(f"{path}: execution.max_concurrent must be an integer >= 0 (0: one per core)")
+
+
 def load_params(path: str | os.PathLike | None = None) -> Params:
     path = Path(path or os.environ.get(PARAMS_ENV) or "params.yaml").absolute()
     if not path.is_file():
@@ -180,8 +204,10 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
                     data_root=Path(), datasets=datasets, categories=categories, methods=methods,
                     method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
                     defect_bank=raw.get("defect_bank") or {}, ingest=raw.get("ingest") or {},
-                    retraining={**RETRAINING_DEFAULTS, **(raw.get("retraining") or {})})
+                    retraining={**RETRAINING_DEFAULTS, **(raw.get("retraining") or {})},
+                    execution={**EXECUTION_DEFAULTS, **(raw.get("execution") or {})})
     _check_retraining(path, params.retraining)
+    _check_execution(path, params.execution)
     try:
         params.ingest_rules()
     except ValueError as e:

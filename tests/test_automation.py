@@ -41,15 +41,18 @@ def materialize(defs, instance, selection, partition_key):
 
 def sensor_requests(t) -> list[dg.RunRequest] | dg.SkipReason:
     sensor = t["defs"].resolve_sensor_def("inbox_sensor")
-    result = sensor.evaluate_tick(dg.build_sensor_context(instance=t["instance"], resources=t["defs"].resources,
-                                                          definitions=t["defs"]))
+    # `with`: the accelerator resource is a context manager (it claims a device), as the daemon opens it
+    with dg.build_sensor_context(instance=t["instance"], resources=t["defs"].resources,
+                                 definitions=t["defs"]) as context:
+        result = sensor.evaluate_tick(context)
     return result.run_requests or result.skip_message
 
 
 def schedule_requests(t) -> list[dg.RunRequest] | str:
     schedule = t["defs"].resolve_schedule_def("retrain_schedule")
-    result = schedule.evaluate_tick(dg.build_schedule_context(instance=t["instance"], resources=t["defs"].resources,
-                                                              repository_def=t["defs"].get_repository_def()))
+    with dg.build_schedule_context(instance=t["instance"], resources=t["defs"].resources,
+                                   repository_def=t["defs"].get_repository_def()) as context:
+        result = schedule.evaluate_tick(context)
     return result.run_requests or result.skip_message
 
 

@@ -23,7 +23,7 @@ def test_the_instance_lives_beside_params_and_follows_its_settings(tmp_path, mon
     assert (tmp_path / ".dagster_home" / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
     # an edited dagster.yaml beside params.yaml reaches the next run
     (tmp_path / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 2\ntelemetry:\n  enabled: false\n")
-    assert get_instance(params).event_log_storage.get_concurrency_info("gpu").limit == 2
+    assert get_instance(params).event_log_storage.get_concurrency_info("cpu").limit == 2
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
     assert dagster_home(params) == tmp_path / "elsewhere"
 

@@ -10,6 +10,7 @@ import dagster as dg
 from ad_models.deploy import deployment_history, promote
 from pipelines.checks import check_deployment, comparison_rows, deployment_check_specs
 from pipelines.metadata import markdown_table
+from pipelines.devices import Accelerator
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -30,12 +31,12 @@ def build(params: Params) -> dg.AssetsDefinition:
               description="The model `adpipe predict` uses: the newly trained one if it is not worse than the "
                           "deployed one on the synthetic bank and labelled validation images, else unchanged "
                           "(the candidate is kept under rejected/). Thresholds are set on good images.")
-    def deployed_model(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+    def deployed_model(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.deploy_dir(method, category)
         record = promote(p.model_dir(method, category), folder, p.bank_dir(category), p.dataset_dir(category),
-                         tolerance=float(p.retraining["tolerance"]), device=adpipe.torch_device,
+                         tolerance=float(p.retraining["tolerance"]), device=accelerator.torch_device,
                          good_quantile=float(p.retraining["good_quantile"]),
                          batch_size=int(p.evaluation.get("batch_size", 8)))
         context.log.info(f"{method} on {category}: candidate {record['candidate_id']} {record['decision']}"

@@ -5,6 +5,7 @@ import dagster as dg
 from ad_models import runs
 from pipelines.checks import check_evaluation, evaluation_check_specs
 from pipelines.metadata import floats, markdown_table, png_preview
+from pipelines.devices import Accelerator
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -18,12 +19,12 @@ def build(params: Params) -> dg.AssetsDefinition:
               deps=["model", dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu",
               check_specs=evaluation_check_specs("evaluation"),
               description="Test-set metrics, per-image scores, ROC curve and an anomaly-map gallery.")
-    def evaluation(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+    def evaluation(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.eval_dir(method, category)
         result = runs.evaluate(p.model_dir(method, category), p.dataset_dir(category), folder,
-                               device=adpipe.torch_device, batch_size=int(p.evaluation.get("batch_size", 8)),
+                               device=accelerator.torch_device, batch_size=int(p.evaluation.get("batch_size", 8)),
                                gallery_size=int(p.evaluation.get("gallery_size", 6)), progress=adpipe.progress)
         per_defect = result["image_auroc_per_defect_type"]
         by_part = result.get("image_auroc_per_defect_type_per_score_part", {})  # BVPN: structural, logical

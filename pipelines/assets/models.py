@@ -5,6 +5,7 @@ import dagster as dg
 from ad_models import runs
 from ad_models.report import learning_curve_png
 from pipelines.metadata import markdown_table, png_markdown
+from pipelines.devices import Accelerator
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -28,18 +29,18 @@ def build(params: Params) -> dg.AssetsDefinition:
               deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL),
                     dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
               description="A trained model: weights, config (with weight provenance) and training log.")
-    def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
+    def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.model_dir(method, category)
-        context.log.info(f"training {method} on {category} (device {adpipe.torch_device}) into {folder}")
+        context.log.info(f"training {method} on {category} (device {accelerator.torch_device}) into {folder}")
         log = runs.train(method, p.method_options(method, category), p.dataset_dir(category), folder,
-                         bank_dir=p.bank_dir(category), device=adpipe.torch_device, progress=adpipe.progress,
+                         bank_dir=p.bank_dir(category), device=accelerator.torch_device, progress=adpipe.progress,
                          batch_size=int(p.evaluation.get("batch_size", 8)))
         metadata = {"path": dg.MetadataValue.path(str(folder)),
                     "train_images": log["counts"]["train"],
                     "train_seconds": dg.MetadataValue.float(log["train_seconds"]),
-                    "device": log.get("device", adpipe.torch_device),
+                    "device": log.get("device", accelerator.torch_device),
                     "weights": dg.MetadataValue.json(log["provenance"])}
         if log.get("loss_per_epoch"):
             metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])

@@ -1,0 +1,120 @@
+"""One device per GPU step, on CPU with fake device indices: no two steps share one, a killed step
+frees its own, the gpu pool is as wide as the machine has devices, and the multiprocess executor runs
+two GPU steps side by side."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipelines.definitions import build_executor
+from pipelines.devices import Accelerator, claim_device, set_gpu_pool_limit
+from pipelines.params import ParamsError, load_params
+from tests.test_pipeline import write_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_claims_are_exclusive_and_wait_for_a_free_device(tmp_path):
+    held, order = [], []
+    with claim_device([0, 1], tmp_path) as first, claim_device([0, 1], tmp_path) as second:
+        held = [first, second]
+
+        def third():
+            with claim_device([0, 1], tmp_path, poll_seconds=0.05) as index:
+                order.append(("third", index))
+
+        waiting = threading.Thread(target=third)
+        waiting.start()
+        time.sleep(0.5)
+        assert order == []  # both devices taken: it waits
+        order.append(("released", None))
+    waiting.join(timeout=10)
+    assert held == [0, 1]
+    assert order[0] == ("released", None) and order[1][1] in (0, 1)
+
+
+def test_a_killed_step_frees_its_device(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipelines.devices import claim_device\n"
+                               f"with claim_device([0], Path({str(tmp_path)!r})) as i:\n"
+                               "    print(i, flush=True); time.sleep(600)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "0"
+    waited = []
+    blocked = threading.Thread(target=lambda: claim_device([0], tmp_path, waited.append, 0.05).__enter__())
+    blocked.start()
+    time.sleep(0.5)
+    assert blocked.is_alive() and waited  # device 0 is held by the other process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    blocked.join(timeout=10)
+    assert not blocked.is_alive()
+
+
+def test_the_gpu_pool_follows_the_devices(tmp_path):
+    params = load_params(write_params(tmp_path, execution={"devices": [0, 1, 2]}))
+    with dg.instance_for_test() as instance:
+        assert set_gpu_pool_limit(instance, params) == 3
+        assert instance.event_log_storage.get_concurrency_info("gpu").limit == 3
+
+
+@pytest.mark.parametrize("execution, problem", [
+    ({"executor": "spark"}, "execution.executor must be one of"),
+    ({"devices": [0, 0]}, "execution.devices must be 'auto' or a list"),
+    ({"devices": "all"}, "execution.devices must be 'auto' or a list"),
+    ({"max_concurrent": -1}, "execution.max_concurrent"),
+    ({"gpus": 2}, "execution: unknown keys ['gpus']"),
+])
+def test_bad_execution_settings_are_clear(tmp_path, execution, problem):
+    with pytest.raises(ParamsError, match=problem.replace("[", r"\[").replace("(", r"\(")):
+        load_params(write_params(tmp_path, execution=execution))
+
+
+# -- two GPU steps through the multiprocess executor ---------------------------------------------------
+
+def _gpu_step(name: str):
+    @dg.op(name=name, pool="gpu")
+    def step(accelerator: Accelerator) -> None:
+        start = time.time()
+        time.sleep(3)
+        folder = Path(os.environ["ADPIPE_TEST_OUT"])
+        (folder / f"{name}.json").write_text(json.dumps({"device": accelerator.claimed, "start": start,
+                                                         "end": time.time()}))
+    return step
+
+
+def two_gpu_steps() -> dg.JobDefinition:
+    """Reconstructable in the step processes: everything comes from the environment."""
+    params = load_params(os.environ["ADPIPE_PARAMS"])
+
+    @dg.job(executor_def=build_executor(params),
+            resource_defs={"accelerator": Accelerator(params_file=str(params.file))})
+    def job():
+        _gpu_step("train_a")()
+        _gpu_step("train_b")()
+    return job
+
+
+@pytest.mark.slow
+def test_multiprocess_runs_two_gpu_steps_side_by_side_on_their_own_devices(tmp_path, monkeypatch):
+    params = write_params(tmp_path, execution={"executor": "multiprocess", "devices": [0, 1],
+                                               "lock_dir": str(tmp_path / "locks")})
+    monkeypatch.setenv("ADPIPE_PARAMS", str(params))
+    monkeypatch.setenv("ADPIPE_TEST_OUT", str(tmp_path))
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        set_gpu_pool_limit(instance, load_params(params))
+        # by its package path: pytest imports this file as a top-level module the step processes cannot find
+        job = dg.build_reconstructable_job("tests.test_devices", "two_gpu_steps", reconstructor_working_directory=str(ROOT))
+        result = dg.execute_job(job, instance=instance)
+        assert result.success
+    a, b = (json.loads((tmp_path / f"train_{x}.json").read_text()) for x in "ab")
+    assert {a["device"], b["device"]} == {0, 1}
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # side by side
