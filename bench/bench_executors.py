@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 from ad_models import runs  # noqa: E402
 from ad_models.data.sources import prepare_category  # noqa: E402
 from ad_models.defects.bank import build_bank  # noqa: E402
-from pipelines.definitions import build_executor  # noqa: E402
+from pipelines.execution import build_executor  # noqa: E402
 from pipelines.devices import Accelerator, set_gpu_pool_limit  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 

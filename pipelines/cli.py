@@ -6,6 +6,7 @@
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
     adpipe instance                                      # prepare the run history `dagster dev` shows
+    adpipe worker --queue gpu                            # a celery worker (execution.executor: celery)
     adpipe ingest                                        # take new good images from the inboxes now
     adpipe retrain                                       # retrain (and maybe deploy) what is stale, now
     adpipe retrain --force --method pfm --category synthetic/fabric
@@ -17,7 +18,9 @@ params.yaml), the one `make dev` opens, so the UI shows every materialization ho
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 ORDER = ["raw_dataset", "ingested_goods", "dataset", "defect_bank", "model", "evaluation", "deployed_model", "report"]
 PER_CATEGORY = ["ingested_goods", "dataset", "defect_bank"]
@@ -142,6 +145,32 @@ def predict(category: str, method: str | None, images: list[str], out: str, para
     return 0
 
 
+def worker(queue: str, name: str | None, concurrency: int, params_file: str | None) -> int:
+    """Run `dagster-celery worker start` on `queue` with the broker of params.yaml (blocks)."""
+    import subprocess
+
+    import yaml
+
+    from pipelines.devices import device_indices
+    from pipelines.execution import celery_config
+    from pipelines.instance import dagster_home, get_instance
+    from pipelines.params import load_params
+    params = load_params(params_file)
+    if not params.execution["celery"].get("broker"):
+        raise SystemExit(f"adpipe: {params.file} has no execution.celery.broker for the workers to listen to")
+    home = dagster_home(params)
+    get_instance(params)  # the home, with its settings, for the steps this worker runs
+    config = home / f"celery-{queue}.yaml"
+    config.write_text(yaml.safe_dump({"execution": {"config": celery_config(params)}}))
+    concurrency = concurrency or (max(1, len(device_indices(params))) if queue == "gpu" else 1)
+    command = [str(Path(sys.executable).with_name("dagster-celery")), "worker", "start", "-A", "dagster_celery.app",
+               "-y", str(config), "-q", queue, "-n", name or queue, "--", "--concurrency", str(concurrency)]
+    print(f"adpipe: celery worker on queue {queue}, {concurrency} step(s) at once: {' '.join(command)}", file=sys.stderr)
+    bindir = str(Path(sys.executable).parent)  # dagster-celery starts `celery` from PATH
+    return subprocess.call(command, env={**os.environ, "DAGSTER_HOME": str(home),
+                                         "PATH": bindir + os.pathsep + os.environ.get("PATH", "")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", help="params.yaml to use (default: $ADPIPE_PARAMS or ./params.yaml)")
@@ -154,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--device", default="", help="torch device override: cpu, cuda, cuda:1, auto")
     sub.add_parser("partitions", help="print the category and method partitions")
     sub.add_parser("instance", help="prepare the run history (DAGSTER_HOME) that `dagster dev` opens; print its path")
+    wrk = sub.add_parser("worker", help="a celery worker for params.yaml's execution.celery broker")
+    wrk.add_argument("--queue", required=True, choices=["gpu", "cpu"], help="gpu: training, evaluation, deployment")
+    wrk.add_argument("--name", help="worker name (default: the queue's name); '@<host>' is appended")
+    wrk.add_argument("--concurrency", type=int, default=0,
+                     help="steps at once (default: one per device of execution.devices for gpu, 1 for cpu)")
     ing = sub.add_parser("ingest", help="take new good images from data/incoming/<category>/good/ now")
     ing.add_argument("--category", action="append", help="a category (repeatable; default: all)")
     ing.add_argument("--device", default="")
@@ -183,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         reclaim_dead_runs(get_instance(params))
         print(dagster_home(params))
         return 0
+    if args.command == "worker":
+        return worker(args.queue, args.name, args.concurrency, args.params)
     if args.command == "ingest":
         return ingest_now(args.category, args.params, args.device)
     if args.command == "retrain":

@@ -12,6 +12,7 @@ import dagster as dg
 from pipelines import automation
 from pipelines.assets import datasets, defects, deployment, evaluation, models, report
 from pipelines.devices import Accelerator
+from pipelines.execution import build_executor
 from pipelines.params import Params, load_params
 from pipelines.resources import AdpipeResource
 
@@ -28,16 +29,6 @@ def build_resources(params: Params, device: str = "", progress: bool = True) -> 
             "accelerator": Accelerator(params_file=str(params.file), device=device)}
 
 
-def build_executor(params: Params) -> dg.ExecutorDefinition:
-    """params.yaml's `execution.executor` for the runs Dagster launches."""
-    execution = params.execution
-    if execution["executor"] == "multiprocess":
-        # spawn: a forked child would inherit the parent's torch threads and CUDA state
-        return dg.multiprocess_executor.configured(
-            {"max_concurrent": execution["max_concurrent"], "start_method": {"spawn": {}}}, name="multiprocess")
-    return dg.in_process_executor
-
-
 def build_definitions(params: Params, device: str = "", progress: bool = True) -> dg.Definitions:
     return dg.Definitions(
         assets=build_assets(params),
@@ -47,6 +38,21 @@ def build_definitions(params: Params, device: str = "", progress: bool = True) -
         resources=build_resources(params, device, progress),
         executor=build_executor(params),
     )
+
+
+def job_of(params_file: str, job_name: str) -> dg.JobDefinition:
+    """A job of the code location, rebuilt from params.yaml: what step processes and celery workers
+    reconstruct (`dg.build_reconstructable_job("pipelines.definitions", "job_of", (params_file, name))`)."""
+    return build_definitions(load_params(params_file), progress=False).resolve_job_def(job_name)
+
+
+def run_job(params: Params, job_name: str, partition_key: str | dg.MultiPartitionKey,
+            instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> dg.JobExecutionResult:
+    """One partition of a job through params.yaml's executor (multiprocess, celery), outside the UI."""
+    job = dg.build_reconstructable_job("pipelines.definitions", "job_of", (str(params.file), job_name))
+    partitions = job_of(str(params.file), job_name).partitions_def
+    return dg.execute_job(job, instance=instance,
+                          tags={**partitions.get_tags_for_partition_key(partition_key), **(tags or {})})
 
 
 @dg.definitions

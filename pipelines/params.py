@@ -24,12 +24,13 @@ RETRAINING_DEFAULTS = {
     "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
 }
 
-EXECUTORS = ("in_process", "multiprocess")
+EXECUTORS = ("in_process", "multiprocess", "celery")
 EXECUTION_DEFAULTS = {
     "executor": "in_process",  # of the runs Dagster launches (UI, schedules, sensors); `adpipe` runs in-process
     "devices": "auto",  # accelerator indices the GPU steps share on a machine: "auto" = every CUDA device, or [0, 1]
     "max_concurrent": 0,  # multiprocess: steps at once (0: as many as the machine has cores)
     "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)
+    "celery": {},  # celery: {broker: redis://host:6379/0, backend: redis://host:6379/1}
 }
 
 
@@ -157,6 +158,11 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
                           f"[0, 1], not {devices!r}")
     if not isinstance(execution["max_concurrent"], int) or execution["max_concurrent"] < 0:
         raise ParamsError(f"{path}: execution.max_concurrent must be an integer >= 0 (0: one per core)")
+    celery = execution["celery"]
+    if not isinstance(celery, dict) or set(celery) - {"broker", "backend"}:
+        raise ParamsError(f"{path}: execution.celery takes `broker` and `backend` URLs, got {celery!r}")
+    if execution["executor"] == "celery" and not celery.get("broker"):
+        raise ParamsError(f"{path}: execution.executor is celery: set execution.celery.broker (e.g. redis://host:6379/0)")
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:

@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipelines.definitions import build_executor
+from pipelines.execution import build_executor
 from pipelines.devices import Accelerator, claim_device, set_gpu_pool_limit
 from pipelines.params import ParamsError, load_params
 from tests.test_pipeline import write_params

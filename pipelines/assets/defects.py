@@ -6,6 +6,7 @@ import dagster as dg
 import numpy as np
 
 from ad_models.defects.bank import bank_info, bank_preview, build_bank
+from pipelines.execution import CPU_STEP
 from pipelines.metadata import image_preview, markdown_table
 from pipelines.params import Params
 from pipelines.partitions import category_partitions
@@ -13,7 +14,7 @@ from pipelines.resources import AdpipeResource
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="defect_bank", group_name="data", partitions_def=category_partitions(params), deps=["dataset"],
+    @dg.asset(name="defect_bank", op_tags=CPU_STEP, group_name="data", partitions_def=category_partitions(params), deps=["dataset"],
               kinds={"pytorch"},
               description="Held-out good training images plus seeded artificial defects with masks: every "
                           "method's thresholds and checkpoints are chosen here, never on the test set.")

@@ -9,8 +9,9 @@ import dagster as dg
 
 from ad_models.deploy import deployment_history, promote
 from pipelines.checks import check_deployment, comparison_rows, deployment_check_specs
-from pipelines.metadata import markdown_table
 from pipelines.devices import Accelerator
+from pipelines.execution import GPU_STEP
+from pipelines.metadata import markdown_table
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -24,7 +25,7 @@ def history_table(history: list[dict], rows: int = 10) -> dg.MetadataValue:
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="deployed_model", group_name="models", partitions_def=model_partitions(params), pool="gpu",
+    @dg.asset(name="deployed_model", op_tags=GPU_STEP, group_name="models", partitions_def=model_partitions(params), pool="gpu",
               deps=["model", dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL),
                     dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)],
               check_specs=deployment_check_specs("deployed_model"), kinds={"pytorch"},

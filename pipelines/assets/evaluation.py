@@ -4,8 +4,9 @@ import dagster as dg
 
 from ad_models import runs
 from pipelines.checks import check_evaluation, evaluation_check_specs
-from pipelines.metadata import floats, markdown_table, png_preview
 from pipelines.devices import Accelerator
+from pipelines.execution import GPU_STEP
+from pipelines.metadata import floats, markdown_table, png_preview
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -15,7 +16,7 @@ HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_at_threshold", 
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="evaluation", group_name="evaluation", partitions_def=model_partitions(params),
+    @dg.asset(name="evaluation", op_tags=GPU_STEP, group_name="evaluation", partitions_def=model_partitions(params),
               deps=["model", dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu",
               check_specs=evaluation_check_specs("evaluation"),
               description="Test-set metrics, per-image scores, ROC curve and an anomaly-map gallery.")

@@ -4,8 +4,9 @@ import dagster as dg
 
 from ad_models import runs
 from ad_models.report import learning_curve_png
-from pipelines.metadata import markdown_table, png_markdown
 from pipelines.devices import Accelerator
+from pipelines.execution import GPU_STEP
+from pipelines.metadata import markdown_table, png_markdown
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
 from pipelines.resources import AdpipeResource
@@ -25,7 +26,7 @@ def loss_summary(losses: list[list[float]], columns: list[str] | None = None, ro
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="model", group_name="models", partitions_def=model_partitions(params),
+    @dg.asset(name="model", op_tags=GPU_STEP, group_name="models", partitions_def=model_partitions(params),
               deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL),
                     dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
               description="A trained model: weights, config (with weight provenance) and training log.")
