@@ -24,13 +24,15 @@ RETRAINING_DEFAULTS = {
     "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
 }
 
-EXECUTORS = ("in_process", "multiprocess", "celery")
+EXECUTORS = ("in_process", "multiprocess", "celery", "k8s")
+K8S_KEYS = {"image", "namespace", "gpu_node_selector", "gpu_tolerations", "data_volume_claim"}
 EXECUTION_DEFAULTS = {
     "executor": "in_process",  # of the runs Dagster launches (UI, schedules, sensors); `adpipe` runs in-process
     "devices": "auto",  # accelerator indices the GPU steps share on a machine: "auto" = every CUDA device, or [0, 1]
     "max_concurrent": 0,  # multiprocess: steps at once (0: as many as the machine has cores)
     "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)
     "celery": {},  # celery: {broker: redis://host:6379/0, backend: redis://host:6379/1}
+    "k8s": {},  # k8s: {image, namespace, gpu_node_selector, gpu_tolerations, data_volume_claim}
 }
 
 
@@ -163,6 +165,11 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
         raise ParamsError(f"{path}: execution.celery takes `broker` and `backend` URLs, got {celery!r}")
     if execution["executor"] == "celery" and not celery.get("broker"):
         raise ParamsError(f"{path}: execution.executor is celery: set execution.celery.broker (e.g. redis://host:6379/0)")
+    k8s = execution["k8s"]
+    if not isinstance(k8s, dict) or set(k8s) - K8S_KEYS:
+        raise ParamsError(f"{path}: execution.k8s takes {sorted(K8S_KEYS)}, got {k8s!r}")
+    if execution["executor"] == "k8s" and not k8s.get("image"):
+        raise ParamsError(f"{path}: execution.executor is k8s: set execution.k8s.image (the code location's image)")
 
 
 def load_params(path: str | os.PathLike | None = None) -> Params:

@@ -26,7 +26,8 @@ def build_raw(params: Params) -> dg.AssetsDefinition | None:
     if not params.raw_datasets():
         return None
 
-    @dg.asset(name="raw_dataset", op_tags=CPU_STEP, group_name="data", partitions_def=raw_partitions(params), kinds={"file"},
+    @dg.asset(name="raw_dataset", op_tags=CPU_STEP,
+              group_name="data", partitions_def=raw_partitions(params), kinds={"file"},
               description="A dataset as published: downloaded (resumable, checksum-verified) or taken from the "
                           "user's archive or folder, and extracted safely (data/raw/<dataset>).")
     def raw_dataset(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
@@ -54,7 +55,8 @@ def build_raw(params: Params) -> dg.AssetsDefinition | None:
 
 
 def build_ingested(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="ingested_goods", op_tags=CPU_STEP, group_name="data", partitions_def=category_partitions(params), kinds={"file"},
+    @dg.asset(name="ingested_goods", op_tags=CPU_STEP,
+              group_name="data", partitions_def=category_partitions(params), kinds={"file"},
               check_specs=inbox_check_specs("ingested_goods"),
               description="New good images dropped into data/incoming/<dataset>/<category>/good/: each is checked "
                           "(decodes, channels, size, not a duplicate) and added to data/ingested/<dataset>/<category> "
@@ -96,7 +98,8 @@ def build(params: Params) -> dg.AssetsDefinition:
     if params.raw_datasets():
         deps.append(dg.AssetDep("raw_dataset", partition_mapping=raw_of_category(params)))
 
-    @dg.asset(name="dataset", op_tags=CPU_STEP, group_name="data", partitions_def=category_partitions(params), deps=deps,
+    @dg.asset(name="dataset", op_tags=CPU_STEP,
+              group_name="data", partitions_def=category_partitions(params), deps=deps,
               check_specs=dataset_check_specs("dataset"), kinds={"pandas"},
               description="A dataset category in MVTec layout with its manifest (data/datasets/<dataset>/<category>).")
     def dataset(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:

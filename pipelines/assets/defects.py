@@ -14,7 +14,8 @@ from pipelines.resources import AdpipeResource
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="defect_bank", op_tags=CPU_STEP, group_name="data", partitions_def=category_partitions(params), deps=["dataset"],
+    @dg.asset(name="defect_bank", op_tags=CPU_STEP,
+              group_name="data", partitions_def=category_partitions(params), deps=["dataset"],
               kinds={"pytorch"},
               description="Held-out good training images plus seeded artificial defects with masks: every "
                           "method's thresholds and checkpoints are chosen here, never on the test set.")

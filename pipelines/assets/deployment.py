@@ -10,7 +10,7 @@ import dagster as dg
 from ad_models.deploy import deployment_history, promote
 from pipelines.checks import check_deployment, comparison_rows, deployment_check_specs
 from pipelines.devices import Accelerator
-from pipelines.execution import GPU_STEP
+from pipelines.execution import gpu_step_tags
 from pipelines.metadata import markdown_table
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
@@ -25,14 +25,16 @@ def history_table(history: list[dict], rows: int = 10) -> dg.MetadataValue:
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="deployed_model", op_tags=GPU_STEP, group_name="models", partitions_def=model_partitions(params), pool="gpu",
+    @dg.asset(name="deployed_model", op_tags=gpu_step_tags(params),
+              group_name="models", partitions_def=model_partitions(params), pool="gpu",
               deps=["model", dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL),
                     dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)],
               check_specs=deployment_check_specs("deployed_model"), kinds={"pytorch"},
               description="The model `adpipe predict` uses: the newly trained one if it is not worse than the "
                           "deployed one on the synthetic bank and labelled validation images, else unchanged "
                           "(the candidate is kept under rejected/). Thresholds are set on good images.")
-    def deployed_model(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
+    def deployed_model(context: dg.AssetExecutionContext, adpipe: AdpipeResource,
+                       accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.deploy_dir(method, category)

@@ -5,7 +5,7 @@ import dagster as dg
 from ad_models import runs
 from pipelines.checks import check_evaluation, evaluation_check_specs
 from pipelines.devices import Accelerator
-from pipelines.execution import GPU_STEP
+from pipelines.execution import gpu_step_tags
 from pipelines.metadata import floats, markdown_table, png_preview
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
@@ -16,11 +16,13 @@ HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_at_threshold", 
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="evaluation", op_tags=GPU_STEP, group_name="evaluation", partitions_def=model_partitions(params),
+    @dg.asset(name="evaluation", op_tags=gpu_step_tags(params),
+              group_name="evaluation", partitions_def=model_partitions(params),
               deps=["model", dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL)], pool="gpu",
               check_specs=evaluation_check_specs("evaluation"),
               description="Test-set metrics, per-image scores, ROC curve and an anomaly-map gallery.")
-    def evaluation(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
+    def evaluation(context: dg.AssetExecutionContext, adpipe: AdpipeResource,
+                   accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.eval_dir(method, category)

@@ -5,7 +5,7 @@ import dagster as dg
 from ad_models import runs
 from ad_models.report import learning_curve_png
 from pipelines.devices import Accelerator
-from pipelines.execution import GPU_STEP
+from pipelines.execution import gpu_step_tags
 from pipelines.metadata import markdown_table, png_markdown
 from pipelines.params import Params
 from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model_key
@@ -26,11 +26,13 @@ def loss_summary(losses: list[list[float]], columns: list[str] | None = None, ro
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="model", op_tags=GPU_STEP, group_name="models", partitions_def=model_partitions(params),
+    @dg.asset(name="model", op_tags=gpu_step_tags(params),
+              group_name="models", partitions_def=model_partitions(params),
               deps=[dg.AssetDep("dataset", partition_mapping=DATASET_OF_MODEL),
                     dg.AssetDep("defect_bank", partition_mapping=DATASET_OF_MODEL)], pool="gpu", kinds={"pytorch"},
               description="A trained model: weights, config (with weight provenance) and training log.")
-    def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource, accelerator: Accelerator) -> dg.MaterializeResult:
+    def model(context: dg.AssetExecutionContext, adpipe: AdpipeResource,
+              accelerator: Accelerator) -> dg.MaterializeResult:
         p = adpipe.params
         category, method = split_model_key(context)
         folder = p.model_dir(method, category)

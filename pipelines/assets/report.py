@@ -10,7 +10,8 @@ from pipelines.resources import AdpipeResource
 
 
 def build(params: Params) -> dg.AssetsDefinition:
-    @dg.asset(name="report", op_tags=CPU_STEP, group_name="reports", deps=["evaluation", "deployed_model"],
+    @dg.asset(name="report", op_tags=CPU_STEP,
+              group_name="reports", deps=["evaluation", "deployed_model"],
               description="The HTML report over every category and method in params.yaml, with the deployed "
                           "model of each and its history.")
     def report(context: dg.AssetExecutionContext, adpipe: AdpipeResource) -> dg.MaterializeResult:
