@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import cv2
 import dagster as dg
 import pytest
 import yaml
@@ -231,6 +232,7 @@ def dagster_dev(home: Path, params: Path):
             except (OSError, KeyError, TypeError, ValueError):
                 time.sleep(1)
         assert served, "dagster dev did not serve the asset graph within 120 s"
+        graphql.base_url = f"http://127.0.0.1:{port}"
         yield graphql
     finally:
         os.killpg(proc.pid, 15)
@@ -260,9 +262,25 @@ def test_the_ui_shows_what_the_cli_materialized(tmp_path):
     with dagster_dev(tmp_path / ".dagster_home", params) as graphql:
         asset = graphql('{ assetOrError(assetKey: {path: ["model"]}) { ... on Asset { assetMaterializations '
                         '{ partition metadataEntries { label } } } } }')["assetOrError"]
+        page = render_in_chromium(f"{graphql.base_url}/assets/model?view=partitions", tmp_path / "model_asset.png")
     [materialization] = asset["assetMaterializations"]
     assert set(materialization["partition"].split("|")) == {"synthetic/granite", "mean_image"}
     assert {"train_seconds", "image_threshold"} <= {e["label"] for e in materialization["metadataEntries"]}
+    # what a person opening the UI sees: the asset page lists the materialized partition
+    assert "mean_image" in page and "synthetic/granite" in page
+    assert cv2.imread(str(tmp_path / "model_asset.png")).std() > 10  # a drawn page, not a blank one
+
+
+def render_in_chromium(url: str, screenshot: Path) -> str:
+    """The page's DOM after its scripts ran, and a screenshot of it, from headless Chromium."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian package chromium)")
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+              "--virtual-time-budget=20000"]
+    subprocess.run(common + [f"--screenshot={screenshot}", url], check=True, capture_output=True, timeout=120)
+    return subprocess.run(common + ["--dump-dom", url], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
 
 
 @pytest.mark.slow
