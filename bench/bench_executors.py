@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _train_step(category: str):
     @dg.op(name=f"train_{category}", pool="gpu")
-    def train(context: dg.OpExecutionContext, accelerator: Accelerator) -> None:
+    def train(accelerator: Accelerator) -> None:
         import torch
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
         spec = json.loads(os.environ["BENCH_SPEC"])
@@ -51,9 +51,10 @@ def _train_step(category: str):
     return train
 
 
-def training_job() -> dg.JobDefinition:
-    """Rebuilt in every step process from the environment (the multiprocess executor spawns them)."""
-    params = load_params(os.environ["ADPIPE_PARAMS"])
+def training_job(params_file: str) -> dg.JobDefinition:
+    """Rebuilt in every step process (the multiprocess executor spawns them); the params file is an
+    argument, not the environment, since Dagster caches a reconstructed job by its arguments."""
+    params = load_params(params_file)
     spec = json.loads(os.environ["BENCH_SPEC"])
 
     @dg.job(name="training", executor_def=build_executor(params),
@@ -86,14 +87,13 @@ def main() -> None:
                 "datasets": {"synthetic": {"source": "synthetic"}}, "categories": ["synthetic/fabric"],
                 "methods": [args.method], "execution": {"executor": executor, "devices": args.devices,
                                                         "lock_dir": str(Path(tmp) / "locks")}}))
-            os.environ["ADPIPE_PARAMS"] = str(params)
             os.environ["BENCH_SPEC"] = json.dumps({"data": str(data), "method": args.method, "run": executor,
                                                    "config": args.method_config, "categories": args.categories})
             home = Path(tmp) / f"home_{executor}"
             home.mkdir()
             with dg.instance_for_test(temp_dir=str(home)) as instance:
                 set_gpu_pool_limit(instance, load_params(params))
-                job = dg.build_reconstructable_job("bench_executors", "training_job",
+                job = dg.build_reconstructable_job("bench_executors", "training_job", (str(params),),
                                                    reconstructor_working_directory=str(Path(__file__).parent))
                 start = time.perf_counter()
                 assert dg.execute_job(job, instance=instance).success

@@ -33,7 +33,7 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     each (category, method) of `pairs` when given, else for every combination."""
     import dagster as dg
 
-    from pipelines.definitions import build_assets, build_resources
+    from pipelines.definitions import build_assets, build_resources, run_job
     from pipelines.instance import get_instance, reclaim_dead_runs, run_tags
     from pipelines.params import load_params
     from pipelines.partitions import model_partition_key
@@ -47,13 +47,22 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
         print(f"adpipe: run {run_id} lost its process; marked failed, its gpu slot freed", file=sys.stderr)
     tags = run_tags()
 
+    executor = params.execution["executor"]
+
     def run(selection: list[str], partition_key=None) -> None:
         label = f"{'+'.join(selection)}" + (f" [{partition_key}]" if partition_key else "")
-        print(f"adpipe: materializing {label}", file=sys.stderr, flush=True)
-        # AssetKeys, not strings: dagster's string-selection parser needs antlr4 4.13, while dvc's
-        # hydra dependency pins antlr4 4.9
-        dg.materialize(assets, selection=[dg.AssetKey(s) for s in selection], partition_key=partition_key,
-                       resources=resources, instance=instance, tags=tags)
+        print(f"adpipe: materializing {label}" + ("" if executor == "in_process" else f" ({executor} executor)"),
+              file=sys.stderr, flush=True)
+        if executor == "in_process":
+            # AssetKeys, not strings: dagster's string-selection parser needs antlr4 4.13, while dvc's
+            # hydra dependency pins antlr4 4.9
+            dg.materialize(assets, selection=[dg.AssetKey(s) for s in selection], partition_key=partition_key,
+                           resources=resources, instance=instance, tags=tags)
+            return
+        result = run_job(params, "adpipe_" + "_".join(selection), partition_key, instance, tags, tuple(selection),
+                         device)
+        if not result.success:
+            raise SystemExit(f"adpipe: the run {result.run_id} of {label} failed (see it in the UI, `make dev`)")
 
     select = [s for s in ORDER if s in select]
     if "raw_dataset" in select:  # the raw datasets behind the chosen categories; generated ones have none

@@ -29,10 +29,16 @@ def build_resources(params: Params, device: str = "", progress: bool = True) -> 
             "accelerator": Accelerator(params_file=str(params.file), device=device)}
 
 
-def build_definitions(params: Params, device: str = "", progress: bool = True) -> dg.Definitions:
+def build_definitions(params: Params, device: str = "", progress: bool = True,
+                      selection_job: tuple[str, list[str]] | None = None) -> dg.Definitions:
+    """The code location; `selection_job` (name, asset names) adds a job over those assets."""
+    jobs = automation.build_jobs(params)
+    if selection_job is not None:
+        name, assets = selection_job
+        jobs.append(dg.define_asset_job(name, selection=[dg.AssetKey(a) for a in assets]))
     return dg.Definitions(
         assets=build_assets(params),
-        jobs=automation.build_jobs(params),
+        jobs=jobs,
         sensors=[automation.build_inbox_sensor(params)],
         schedules=[automation.build_retrain_schedule(params)],
         resources=build_resources(params, device, progress),
@@ -40,19 +46,24 @@ def build_definitions(params: Params, device: str = "", progress: bool = True) -
     )
 
 
-def job_of(params_file: str, job_name: str) -> dg.JobDefinition:
-    """A job of the code location, rebuilt from params.yaml: what step processes and celery workers
-    reconstruct (`dg.build_reconstructable_job("pipelines.definitions", "job_of", (params_file, name))`)."""
-    return build_definitions(load_params(params_file), progress=False).resolve_job_def(job_name)
+def job_of(params_file: str, job_name: str, assets: tuple[str, ...] = (), device: str = "") -> dg.JobDefinition:
+    """A job of the code location (or, given `assets`, a job over them), rebuilt from params.yaml:
+    what step processes and celery workers reconstruct."""
+    params = load_params(params_file)
+    return build_definitions(params, device, progress=False,
+                             selection_job=(job_name, list(assets)) if assets else None).resolve_job_def(job_name)
 
 
-def run_job(params: Params, job_name: str, partition_key: str | dg.MultiPartitionKey,
-            instance: dg.DagsterInstance, tags: dict[str, str] | None = None) -> dg.JobExecutionResult:
-    """One partition of a job through params.yaml's executor (multiprocess, celery), outside the UI."""
-    job = dg.build_reconstructable_job("pipelines.definitions", "job_of", (str(params.file), job_name))
-    partitions = job_of(str(params.file), job_name).partitions_def
-    return dg.execute_job(job, instance=instance,
-                          tags={**partitions.get_tags_for_partition_key(partition_key), **(tags or {})})
+def run_job(params: Params, job_name: str, partition_key: str | dg.MultiPartitionKey | None,
+            instance: dg.DagsterInstance, tags: dict[str, str] | None = None, assets: tuple[str, ...] = (),
+            device: str = "") -> dg.JobExecutionResult:
+    """One partition of a job (a named one, or one over `assets`) through params.yaml's executor
+    (multiprocess, celery, k8s): how `adpipe` runs outside the in-process executor."""
+    args = (str(params.file), job_name, tuple(assets), device)
+    job = dg.build_reconstructable_job("pipelines.definitions", "job_of", args)
+    partitions = job_of(*args).partitions_def
+    partition_tags = partitions.get_tags_for_partition_key(partition_key) if partition_key is not None else {}
+    return dg.execute_job(job, instance=instance, tags={**partition_tags, **(tags or {})})
 
 
 @dg.definitions

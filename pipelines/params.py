@@ -27,7 +27,7 @@ RETRAINING_DEFAULTS = {
 EXECUTORS = ("in_process", "multiprocess", "celery", "k8s")
 K8S_KEYS = {"image", "namespace", "gpu_node_selector", "gpu_tolerations", "data_volume_claim"}
 EXECUTION_DEFAULTS = {
-    "executor": "in_process",  # of the runs Dagster launches (UI, schedules, sensors); `adpipe` runs in-process
+    "executor": "in_process",  # of every run: UI, schedules, sensors, `adpipe` and so DVC stages
     "devices": "auto",  # accelerator indices the GPU steps share on a machine: "auto" = every CUDA device, or [0, 1]
     "max_concurrent": 0,  # multiprocess: steps at once (0: as many as the machine has cores)
     "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)

@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 
 from pipelines.automation import INGEST_JOB, RETRAIN_JOB
+from pipelines.cli import main
 from pipelines.definitions import run_job
 from pipelines.instance import get_instance
 from pipelines.params import load_params
@@ -50,6 +51,8 @@ def test_gpu_and_cpu_steps_run_on_the_workers_of_their_queues(tmp_path):
                 time.sleep(0.5)
             ingest = run_job(params, INGEST_JOB, "synthetic/granite", instance)
             assert ingest.success
+            # `adpipe materialize` (what DVC stages run) goes through the same executor
+            assert main(["--params", str(params_file), "materialize", "--select", "defect_bank"]) == 0
             retrain = run_job(params, RETRAIN_JOB, model_partition_key("synthetic/granite", "mean_image"), instance)
             assert retrain.success
         finally:
@@ -60,11 +63,16 @@ def test_gpu_and_cpu_steps_run_on_the_workers_of_their_queues(tmp_path):
                     w.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(w.pid, 9)
-    ran_on = {**workers_of(instance, ingest.run_id), **workers_of(instance, retrain.run_id)}
-    assert set(ran_on) == {"ingested_goods", "dataset", "defect_bank", "model", "evaluation", "deployed_model"}
-    for step, worker in ran_on.items():
-        queue = "gpu" if step in ("model", "evaluation", "deployed_model") else "cpu"
-        assert worker.startswith(f"{queue}@"), (step, worker)
+    runs = instance.get_runs()
+    assert len(runs) == 3 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    for run in runs:
+        ran_on = workers_of(instance, run.run_id)
+        assert ran_on, f"no step of run {run.run_id} ran on a celery worker"
+        for step, worker in ran_on.items():
+            queue = "gpu" if step in ("model", "evaluation", "deployed_model") else "cpu"
+            assert worker.startswith(f"{queue}@"), (step, worker)
+    steps = set().union(*(workers_of(instance, r.run_id) for r in runs))
+    assert steps == {"ingested_goods", "dataset", "defect_bank", "model", "evaluation", "deployed_model"}
     assert (tmp_path / "data" / "deployed" / "mean_image" / "synthetic" / "granite" / "current" / "weights.pt").is_file()
     assert instance.get_materialized_partitions(dg.AssetKey("model")) == {
         model_partition_key("synthetic/granite", "mean_image")}

@@ -118,3 +118,18 @@ def test_multiprocess_runs_two_gpu_steps_side_by_side_on_their_own_devices(tmp_p
     a, b = (json.loads((tmp_path / f"train_{x}.json").read_text()) for x in "ab")
     assert {a["device"], b["device"]} == {0, 1}
     assert a["start"] < b["end"] and b["start"] < a["end"]  # side by side
+
+
+@pytest.mark.slow
+def test_adpipe_materialize_runs_steps_through_the_multiprocess_executor(tmp_path, monkeypatch):
+    from pipelines.cli import main
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    params = write_params(tmp_path, categories=["synthetic/granite"], methods=["mean_image"],
+                          execution={"executor": "multiprocess", "max_concurrent": 2})
+    assert main(["--params", str(params), "materialize", "--select", "dataset,defect_bank"]) == 0
+    assert (tmp_path / "data" / "defects" / "synthetic" / "granite").is_dir()
+    instance = dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home"))
+    [run] = instance.get_runs()
+    started = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_WORKER_STARTED).records
+    assert {r.event_log_entry.step_key for r in started} == {"dataset", "defect_bank"}  # each in a subprocess
+    assert instance.get_materialized_partitions(dg.AssetKey("defect_bank")) == {"synthetic/granite"}
