@@ -116,8 +116,9 @@ def _uses_cuda(device: str) -> bool:
 
 
 def set_gpu_pool_limit(instance: dg.DagsterInstance, params: Params) -> int:
-    """The `gpu` pool admits as many steps at once as this machine has devices (at least one)."""
-    slots = max(1, len(device_indices(params)))
+    """The `gpu` pool admits `execution.gpu_slots` steps at once (a fleet's GPUs), by default as many
+    as this machine has devices (at least one)."""
+    slots = params.execution["gpu_slots"] or max(1, len(device_indices(params)))
     if instance.event_log_storage.get_concurrency_info(GPU_POOL).limit != slots:
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
     return slots

@@ -30,6 +30,7 @@ EXECUTION_DEFAULTS = {
     "executor": "in_process",  # of every run: UI, schedules, sensors, `adpipe` and so DVC stages
     "devices": "auto",  # accelerator indices the GPU steps share on a machine: "auto" = every CUDA device, or [0, 1]
     "max_concurrent": 0,  # multiprocess: steps at once (0: as many as the machine has cores)
+    "gpu_slots": 0,  # GPU steps at once across all machines (the `gpu` pool); 0: this machine's device count
     "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)
     "celery": {},  # celery: {broker: redis://host:6379/0, backend: redis://host:6379/1}
     "k8s": {},  # k8s: {image, namespace, gpu_node_selector, gpu_tolerations, data_volume_claim}
@@ -158,8 +159,9 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) and len(set(devices)) == len(devices)):
         raise ParamsError(f"{path}: execution.devices must be 'auto' or a list of distinct device indices such as "
                           f"[0, 1], not {devices!r}")
-    if not isinstance(execution["max_concurrent"], int) or execution["max_concurrent"] < 0:
-        raise ParamsError(f"{path}: execution.max_concurrent must be an integer >= 0 (0: one per core)")
+    for key in ("max_concurrent", "gpu_slots"):
+        if not isinstance(execution[key], int) or isinstance(execution[key], bool) or execution[key] < 0:
+            raise ParamsError(f"{path}: execution.{key} must be an integer >= 0, not {execution[key]!r}")
     celery = execution["celery"]
     if not isinstance(celery, dict) or set(celery) - {"broker", "backend"}:
         raise ParamsError(f"{path}: execution.celery takes `broker` and `backend` URLs, got {celery!r}")

@@ -63,6 +63,10 @@ def test_the_gpu_pool_follows_the_devices(tmp_path):
     with dg.instance_for_test() as instance:
         assert set_gpu_pool_limit(instance, params) == 3
         assert instance.event_log_storage.get_concurrency_info("gpu").limit == 3
+        # a fleet: the machine that runs the UI may have no GPU, the workers have eight between them
+        fleet = load_params(write_params(tmp_path, execution={"devices": [0], "gpu_slots": 8}))
+        assert set_gpu_pool_limit(instance, fleet) == 8
+        assert instance.event_log_storage.get_concurrency_info("gpu").limit == 8
 
 
 @pytest.mark.parametrize("execution, problem", [
@@ -70,6 +74,7 @@ def test_the_gpu_pool_follows_the_devices(tmp_path):
     ({"devices": [0, 0]}, "execution.devices must be 'auto' or a list"),
     ({"devices": "all"}, "execution.devices must be 'auto' or a list"),
     ({"max_concurrent": -1}, "execution.max_concurrent"),
+    ({"gpu_slots": "all"}, "execution.gpu_slots"),
     ({"gpus": 2}, "execution: unknown keys ['gpus']"),
 ])
 def test_bad_execution_settings_are_clear(tmp_path, execution, problem):
