@@ -34,9 +34,9 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
     import dagster as dg
 
     from pipelines.definitions import build_assets, build_resources, run_job
+    from pipelines.devices import assigning_waiting_steps
     from pipelines.instance import get_instance, reclaim_dead_runs, run_tags
     from pipelines.params import load_params
-    from pipelines.partitions import model_partition_key
 
     params = load_params(params_file)
     categories, methods = _chosen(params, categories, methods)
@@ -64,6 +64,14 @@ def materialize(select: list[str], categories: list[str] | None, methods: list[s
         if not result.success:
             raise SystemExit(f"adpipe: the run {result.run_id} of {label} failed (see it in the UI, `make dev`)")
 
+    with assigning_waiting_steps(instance):
+        return _materialize_in_order(select, categories, methods, params, pairs, run)
+
+
+def _materialize_in_order(select: list[str], categories: list[str], methods: list[str], params,
+                          pairs: list[tuple[str, str]] | None, run) -> int:
+    """The runs, in the graph's order: raw datasets, per category, per model, the report."""
+    from pipelines.partitions import model_partition_key
     select = [s for s in ORDER if s in select]
     if "raw_dataset" in select:  # the raw datasets behind the chosen categories; generated ones have none
         raw = params.raw_datasets()

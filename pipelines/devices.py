@@ -14,11 +14,13 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
+import sqlalchemy.exc
 from pydantic import PrivateAttr
 
 from pipelines.params import Params, load_params
@@ -119,6 +121,42 @@ def set_gpu_pool_limit(instance: dg.DagsterInstance, params: Params) -> int:
     """The `gpu` pool admits `execution.gpu_slots` steps at once (a fleet's GPUs), by default as many
     as this machine has devices (at least one)."""
     slots = params.execution["gpu_slots"] or max(1, len(device_indices(params)))
-    if instance.event_log_storage.get_concurrency_info(GPU_POOL).limit != slots:
-        instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+    # An explicit row, even when it equals dagster.yaml's default: otherwise every step's claim
+    # initialises the pool from the default, and two runs doing so at once fail on PostgreSQL
+    # (Dagster retries a duplicate INSERT inside the transaction the error aborted).
+    for attempt in range(3):
+        info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+        if info.limit == slots and not info.using_default_limit:
+            break
+        try:
+            instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+            break
+        except sqlalchemy.exc.DBAPIError:  # another process created the row at the same moment
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
     return slots
+
+
+@contextlib.contextmanager
+def assigning_waiting_steps(instance: dg.DagsterInstance, every_seconds: float = 5.0) -> Iterator[None]:
+    """While the block runs, hand free `gpu` slots to waiting steps every few seconds.
+
+    Dagster assigns a freed slot only to the steps already waiting at that moment; a step that
+    looked for a free slot just before another run freed it, and queued itself just after, waits
+    for ever (seen with two `adpipe` processes on one instance). Assigning again fixes that.
+    """
+    stop = threading.Event()
+
+    def assign() -> None:
+        while not stop.wait(every_seconds):
+            with contextlib.suppress(Exception):  # a storage hiccup must not end the run
+                instance.event_log_storage.assign_pending_steps([GPU_POOL])
+
+    thread = threading.Thread(target=assign, name="adpipe-assign-gpu-slots", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_seconds + 5)

@@ -138,3 +138,20 @@ def test_adpipe_materialize_runs_steps_through_the_multiprocess_executor(tmp_pat
     started = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_WORKER_STARTED).records
     assert {r.event_log_entry.step_key for r in started} == {"dataset", "defect_bank"}  # each in a subprocess
     assert instance.get_materialized_partitions(dg.AssetKey("defect_bank")) == {"synthetic/granite"}
+
+
+def test_a_step_queued_just_after_a_slot_was_freed_gets_it(tmp_path):
+    """Dagster's race: run B saw no free slot, run A then freed its slot (nobody was waiting), and B
+    queued itself unassigned. The assigner of `adpipe` hands B the slot."""
+    from pipelines.devices import assigning_waiting_steps
+    params = load_params(write_params(tmp_path))
+    with dg.instance_for_test() as instance:
+        storage = instance.event_log_storage
+        set_gpu_pool_limit(instance, params)
+        assert storage.claim_concurrency_slot("gpu", "run-a", "model").is_claimed
+        storage.free_concurrency_slot_for_step("run-a", "model")
+        storage.add_pending_step("gpu", "run-b", "model", should_assign=False)  # B's stale view
+        assert not storage.claim_concurrency_slot("gpu", "run-b", "model").is_claimed  # stuck
+        with assigning_waiting_steps(instance, every_seconds=0.1):
+            time.sleep(0.5)
+        assert storage.claim_concurrency_slot("gpu", "run-b", "model").is_claimed

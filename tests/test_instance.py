@@ -19,8 +19,10 @@ def test_the_instance_lives_beside_params_and_follows_its_settings(tmp_path, mon
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     params = load_params(write_params(tmp_path))
     assert dagster_home(params) == tmp_path / ".dagster_home"
-    get_instance(params)
+    gpu = get_instance(params).event_log_storage.get_concurrency_info("gpu")
     assert (tmp_path / ".dagster_home" / "dagster.yaml").read_text() == (ROOT / "dagster.yaml").read_text()
+    # the gpu pool has its own row: no step initialises it from the default (racy on PostgreSQL)
+    assert gpu.limit == 1 and not gpu.using_default_limit
     # an edited dagster.yaml beside params.yaml reaches the next run
     (tmp_path / "dagster.yaml").write_text("concurrency:\n  pools:\n    default_limit: 2\ntelemetry:\n  enabled: false\n")
     assert get_instance(params).event_log_storage.get_concurrency_info("cpu").limit == 2
