@@ -168,6 +168,7 @@ def worker(queue: str, name: str | None, concurrency: int, params_file: str | No
 
     import yaml
 
+    from ad_models.io import write_text
     from pipelines.devices import device_indices
     from pipelines.execution import celery_config
     from pipelines.instance import dagster_home, get_instance
@@ -178,7 +179,7 @@ def worker(queue: str, name: str | None, concurrency: int, params_file: str | No
     home = dagster_home(params)
     get_instance(params)  # the home, with its settings, for the steps this worker runs
     config = home / f"celery-{queue}.yaml"
-    config.write_text(yaml.safe_dump({"execution": {"config": celery_config(params)}}))
+    write_text(config, yaml.safe_dump({"execution": {"config": celery_config(params)}}))
     concurrency = concurrency or (max(1, len(device_indices(params))) if queue == "gpu" else 1)
     command = [str(Path(sys.executable).with_name("dagster-celery")), "worker", "start", "-A", "dagster_celery.app",
                "-y", str(config), "-q", queue, "-n", name or queue, "--", "--concurrency", str(concurrency)]

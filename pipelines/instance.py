@@ -41,9 +41,8 @@ def settings_file(params: Params) -> Path:
 
 
 def get_instance(params: Params) -> dg.DagsterInstance:
-    """The persistent instance of this project, created on first use, its `gpu` pool as wide as this
-    machine has devices. Step subprocesses (the
-    multiprocess and celery executors) get a reference to it from Dagster, not from the environment."""
+    """The persistent instance of this project, created on first use, its `gpu` pool limit set from
+    params.yaml. Step processes (multiprocess, celery) get a reference to it from Dagster."""
     home = dagster_home(params)
     home.mkdir(parents=True, exist_ok=True)
     wanted = settings_file(params).read_text()

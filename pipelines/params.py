@@ -155,8 +155,9 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
     if execution["executor"] not in EXECUTORS:
         raise ParamsError(f"{path}: execution.executor must be one of {list(EXECUTORS)}, not {execution['executor']!r}")
     devices = execution["devices"]
-    if devices != "auto" and not (isinstance(devices, list) and devices and all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) and len(set(devices)) == len(devices)):
+    indices = isinstance(devices, list) and devices and len(set(devices)) == len(devices) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    if devices != "auto" and not indices:
         raise ParamsError(f"{path}: execution.devices must be 'auto' or a list of distinct device indices such as "
                           f"[0, 1], not {devices!r}")
     for key in ("max_concurrent", "gpu_slots"):
