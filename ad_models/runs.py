@@ -46,8 +46,9 @@ def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
 
 def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
           *, bank_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True,
-          batch_size: int = 8) -> dict[str, Any]:
+          batch_size: int = 8, budget: str | None = None) -> dict[str, Any]:
     """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`.
+    `budget` names the settings `config` came from (params.yaml's budgets); it is recorded.
 
     With a defect bank (`bank_dir`), its held-out images are left out of training, the bank (plus
     any validation/good images) is the validation data a method may select checkpoints on, and
@@ -55,6 +56,7 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     """
     manifest = read_manifest(dataset_dir)
     model = create_method(method, config)
+    model.budget = budget
     size = model.config.image_size
     train_rows = manifest[manifest.split == "train"]
     valid_rows = manifest[manifest.split == "validation"]
@@ -69,7 +71,7 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
-    log.update(method=method, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
+    log.update(method=method, budget=budget, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
                training_data_version=training_data_version(dataset_dir))
     calibration = None
     if can_select_on(valid_set):
@@ -237,7 +239,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
         result.update(thresholded_metrics(labels, scores, pred["masks"], pred["maps"], read_json(calibration_file)))
     training_log = read_json(Path(model_dir) / "training_log.json")
     result.update(
-        method=model.name, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),
+        method=model.name, budget=model.budget, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),
         n_defective=int((labels == 1).sum()), image_auroc_per_defect_type=per_defect,
         train_seconds=float(training_log.get("train_seconds", float("nan"))),
         inference_ms_per_image=1000 * pred["seconds_per_image"], device=str(model.device))

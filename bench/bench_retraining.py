@@ -61,7 +61,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     category = args.category
-    print(f"# {category}, methods {params.methods}, {raw['method_config'].get(params.methods[0])}", flush=True)
+    print(f"# {category}, methods {params.methods}, budget {params.budget}: "
+          f"{params.method_options(params.methods[0], category)}", flush=True)
     setup = run(INGEST_ASSETS, category)
     for method in params.methods:
         setup += run(RETRAIN_ASSETS, model_partition_key(category, method))

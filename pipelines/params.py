@@ -5,6 +5,8 @@ whatever the working directory (the UI, `adpipe`, `dvc repro`).
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,8 @@ import yaml
 
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
 PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
-KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "method_config", "evaluation",
+KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "budget", "budgets",
+              "method_config", "evaluation",
               "defect_bank", "ingest", "retraining", "execution"}
 RETRAINING_DEFAULTS = {
     "cron": "0 2 * * *",  # the schedule that retrains models whose training images changed: nightly, 02:00
@@ -23,6 +26,8 @@ RETRAINING_DEFAULTS = {
     "good_quantile": 0.99,  # predict's image threshold: the share of good images that should pass
     "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
 }
+
+PAPER_BUDGET = "paper"  # the methods' own defaults, which are their papers' settings: always defined
 
 EXECUTORS = ("in_process", "multiprocess", "celery", "k8s")
 K8S_KEYS = {"image", "namespace", "gpu_node_selector", "gpu_tolerations", "data_volume_claim"}
@@ -50,7 +55,9 @@ class Params:
     datasets: dict[str, dict[str, Any]]  # name -> {"source": ..., "options": {...}}
     categories: list[str]  # "<dataset>/<category>[.<view>]", the category partitions
     methods: list[str]  # the method partitions
-    method_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: str = PAPER_BUDGET  # the named budget whose method settings apply (`budgets`)
+    budgets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # name -> method -> options
+    method_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # the user's, over the budget's
     evaluation: dict[str, Any] = field(default_factory=dict)
     defect_bank: dict[str, Any] = field(default_factory=dict)  # BankConfig options + per_category overrides
     ingest: dict[str, Any] = field(default_factory=dict)  # IngestRules options for new good images
@@ -72,10 +79,15 @@ class Params:
         return options
 
     def method_options(self, method: str, category: str) -> dict[str, Any]:
-        """A method's config for a category: its `method_config` entry, then that entry's
-        `per_category` overrides for the category (e.g. SLSG's simulated-anomaly rules)."""
-        options = dict(self.method_config.get(method) or {})
-        options.update((options.pop("per_category", None) or {}).get(category) or {})
+        """A method's config for a category, over its defaults (the paper's settings): the chosen
+        budget's entry, then `method_config`'s; each followed by its `per_category` overrides for
+        the category (e.g. SLSG's simulated-anomaly rules)."""
+        options: dict[str, Any] = {}
+        for layer in ((self.budgets.get(self.budget) or {}).get(method), self.method_config.get(method)):
+            layer = dict(layer or {})
+            per_category = (layer.pop("per_category", None) or {}).get(category) or {}
+            options.update(layer)
+            options.update(per_category)
         return options
 
     def model_dir(self, method: str, category: str) -> Path:
@@ -175,6 +187,20 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
         raise ParamsError(f"{path}: execution.executor is k8s: set execution.k8s.image (the code location's image)")
 
 
+def _check_budgets(path: Path, budget: Any, budgets: Any) -> None:
+    from ad_models.methods import METHODS
+    if not isinstance(budgets, dict) or not all(isinstance(b, dict) for b in budgets.values()):
+        raise ParamsError(f"{path}: budgets must map a name to {{method: options}}, got {budgets!r}")
+    for name, entries in budgets.items():
+        unknown = sorted(set(entries) - set(METHODS))
+        if unknown:
+            raise ParamsError(f"{path}: budgets.{name}: unknown methods {unknown} (known: {sorted(METHODS)})")
+    names = sorted(set(budgets) | {PAPER_BUDGET})
+    if budget not in names:
+        raise ParamsError(f"{path}: budget {budget!r} is not defined; defined: {names} "
+                          f"({PAPER_BUDGET!r}: every method's own defaults, its paper's settings)")
+
+
 def load_params(path: str | os.PathLike | None = None) -> Params:
     path = Path(path or os.environ.get(PARAMS_ENV) or "params.yaml").absolute()
     if not path.is_file():
@@ -218,10 +244,12 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
 
     params = Params(file=path, seed=int(raw.get("seed", 0)), device=str(raw.get("device", "auto")),
                     data_root=Path(), datasets=datasets, categories=categories, methods=methods,
+                    budget=str(raw.get("budget", PAPER_BUDGET)), budgets=raw.get("budgets") or {},
                     method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
                     defect_bank=raw.get("defect_bank") or {}, ingest=raw.get("ingest") or {},
                     retraining={**RETRAINING_DEFAULTS, **(raw.get("retraining") or {})},
                     execution={**EXECUTION_DEFAULTS, **(raw.get("execution") or {})})
+    _check_budgets(path, params.budget, params.budgets)
     _check_retraining(path, params.retraining)
     _check_execution(path, params.execution)
     try:
@@ -231,6 +259,7 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     from ad_models.defects.bank import BankConfig
     from ad_models.methods.base import config_from_dict
     sections = {"defect_bank": params.defect_bank,
+                **{f"budgets.{b}.{m}": options for b, entries in params.budgets.items() for m, options in entries.items()},
                 **{f"method_config.{m}": options for m, options in params.method_config.items()}}
     for where, section in sections.items():
         # a category left out of this run may keep its entry; a misspelt one would silently do nothing
@@ -242,9 +271,11 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
             BankConfig.from_dict(params.bank_config(category))
         except (TypeError, ValueError) as e:
             raise ParamsError(f"{path}: defect_bank for {category}: {e}") from e
-        for method in methods:
-            try:
-                config_from_dict(METHODS[method].Config, params.method_options(method, category))
+        for method, budget in itertools.product(methods, [params.budget, *sorted(set(params.budgets) - {params.budget})]):
+            try:  # every budget, so switching to another one cannot fail mid-run either
+                config_from_dict(METHODS[method].Config,
+                                 dataclasses.replace(params, budget=budget).method_options(method, category))
             except (TypeError, ValueError) as e:
-                raise ParamsError(f"{path}: method_config.{method} for {category}: {e}") from e
+                raise ParamsError(f"{path}: {method} for {category} with budget {budget!r} "
+                                  f"(budgets.{budget}.{method}, then method_config.{method}): {e}") from e
     return Params(**{**params.__dict__, "data_root": params._resolve(raw.get("data_root", "data"))})

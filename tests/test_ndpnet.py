@@ -46,6 +46,39 @@ def test_reference_repair_rebuilds_a_feature_map_from_reference_patches():
     assert soft.abs().max() <= ref.abs().max() + 1e-5
 
 
+def test_reference_repair_takes_one_reference_per_image():
+    torch.manual_seed(0)
+    refs = torch.randn(2, 4, 8, 8)
+    # each image rebuilt from its own reference: with a sharp softmax, exactly that reference
+    repaired = reference_repair(refs, refs, 2, temperature=1e-3)
+    assert torch.allclose(repaired, refs, atol=1e-4)
+    swapped = reference_repair(refs, refs.flip(0), 2, temperature=1e-3)
+    assert not torch.allclose(swapped[0], refs[0], atol=0.1)
+
+
+def test_several_references_cover_the_training_set_and_each_image_uses_its_nearest(tiny_category):
+    dataset, _ = tiny_category
+    rows = read_manifest(dataset)
+    train = ImageDataset(rows[rows.split == "train"], 64)
+    one = create_method("ndpnet", {**TINY, "phase2_epochs": 1})
+    log_one = one.fit(train, device="cpu", progress=False)
+    three = create_method("ndpnet", {**TINY, "phase2_epochs": 1, "references": 3})
+    log = three.fit(train, device="cpu", progress=False)
+    # the first reference is the paper's typical image; the others are further, distinct images
+    assert log["reference_images"][0] == log_one["reference_image"]
+    assert len(set(log["reference_images"])) == 3 and three.net.reference.shape[0] == 3
+    # an image that is a reference is repaired with itself at test time (its nearest), and never
+    # during training; the choice changes the reconstruction
+    refs = three.net.reference
+    with torch.no_grad():
+        features = three.net.encoder(refs)
+        own, _ = three._reconstruct(features)
+        others, _ = three._reconstruct(features, torch.eye(3, dtype=torch.bool))
+    assert not torch.allclose(own, others)
+    with pytest.raises(ValueError, match=f"only {len(train)} training images"):
+        create_method("ndpnet", {**TINY, "references": len(train) + 1}).fit(train, device="cpu", progress=False)
+
+
 def test_defect_perception_loss_is_zero_when_feature_differences_trace_the_mask():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., 2:5, 3:6] = 1
@@ -83,6 +116,7 @@ def test_two_phase_training_selects_on_the_bank_and_round_trips(tiny_category, t
     assert [s["epoch"] for s in log["checkpoint_selection"]] == [1, 2]
     assert log["selected_epoch"] in (1, 2)
     assert log["reference_image"].endswith(".png") and "/train/good/" in log["reference_image"]
+    assert log["reference_images"] == [log["reference_image"]]  # the paper's one reference
     assert "perceptual" in log["provenance"]  # which network the perceptual loss used
     assert 0 <= log["calibration"]["bank_image_auroc"] <= 1
 

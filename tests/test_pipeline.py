@@ -1,5 +1,6 @@
 """The Dagster code location and the whole graph, end to end, on a tiny synthetic dataset."""
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -29,7 +30,9 @@ TINY = {
                                "options": {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 64}}},
     "categories": ["synthetic/fabric", "synthetic/circuit"],
     "methods": ["pfm", "mean_image"],
-    "method_config": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}},
+    "budget": "tiny",
+    "budgets": {"tiny": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}}},
+    "method_config": {},  # DVC stages depend on it: present, even when empty
     "evaluation": {"batch_size": 4, "gallery_size": 3},
     "defect_bank": {"image_size": 64, "min_holdout": 2, "per_category": {"synthetic/circuit": {"foreground": True}}},
 }
@@ -52,7 +55,7 @@ def new_good(folder: Path, category: str, n: int, inbox: Path, seed: int = 99) -
 
 def write_params(folder: Path, **changes) -> Path:
     path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    path.write_text(yaml.safe_dump({k: v for k, v in {**TINY, **changes}.items() if v is not None}))  # None: leave out
     return path
 
 
@@ -76,10 +79,33 @@ def test_bad_params_are_clear(tmp_path):
         load_params(write_params(tmp_path, methods=["nope"]))
     with pytest.raises(ParamsError, match="unknown keys"):
         load_params(write_params(tmp_path, epochs=3))
-    with pytest.raises(ParamsError, match=r"method_config.pfm for synthetic/fabric: PFMConfig: unknown option\(s\) \['epoch'\]"):
+    with pytest.raises(ParamsError, match=r"pfm for synthetic/fabric with budget 'tiny' \(budgets.tiny.pfm, then method_config.pfm\): PFMConfig: unknown option\(s\) \['epoch'\]"):
         load_params(write_params(tmp_path, method_config={"pfm": {"epoch": 3}}))
     with pytest.raises(ParamsError, match=r"method_config.pfm.per_category: 'synthetic/fabrik': .*fabrik"):
         load_params(write_params(tmp_path, method_config={"pfm": {"per_category": {"synthetic/fabrik": {}}}}))
+
+
+def test_a_named_budget_sets_every_methods_settings_in_one_line(tmp_path):
+    budgets = {"cpu": {"pfm": {"image_size": 64, "epochs": 3, "per_category": {"synthetic/fabric": {"epochs": 5}}}}}
+    own = {"pfm": {"batch_size": 2, "per_category": {"synthetic/fabric": {"image_size": 32}}}}
+    cpu = load_params(write_params(tmp_path, budget="cpu", budgets=budgets, method_config=own))
+    # the budget's settings, then the user's own; each with its per-category entry
+    assert cpu.method_options("pfm", "synthetic/fabric") == {"image_size": 32, "epochs": 5, "batch_size": 2}
+    assert cpu.method_options("pfm", "synthetic/granite") == {"image_size": 64, "epochs": 3, "batch_size": 2}
+    paper = load_params(write_params(tmp_path, budget="paper", budgets=budgets, method_config=own))
+    assert paper.method_options("pfm", "synthetic/granite") == {"batch_size": 2}  # the method's defaults: its paper's
+    assert load_params(write_params(tmp_path, budget=None, budgets=budgets)).budget == "paper"  # no budget named: the papers'
+    with pytest.raises(ParamsError, match=r"budget 'gpu' is not defined; defined: \['cpu', 'paper'\]"):
+        load_params(write_params(tmp_path, budget="gpu", budgets=budgets))
+    with pytest.raises(ParamsError, match=r"budgets.cpu: unknown methods \['pfn'\]"):
+        load_params(write_params(tmp_path, budgets={"cpu": {"pfn": {}}}))
+    # a typo in a budget that is not chosen fails now, not when someone switches to it
+    with pytest.raises(ParamsError, match=r"with budget 'fast' \(budgets.fast.pfm.*unknown option\(s\) \['epoch'\]"):
+        load_params(write_params(tmp_path, budget="cpu", budgets={**budgets, "fast": {"pfm": {"epoch": 1}}}))
+    # the repository's own params: the CPU budget for every method, the papers' one switch away
+    repo = load_params(ROOT / "params.yaml")
+    assert repo.budget == "cpu" and set(repo.budgets["cpu"]) == {"pfm", "pefm", "ndpnet", "slsg", "esad", "bvpn"}
+    assert dataclasses.replace(repo, budget="paper").method_options("pfm", "synthetic/fabric") == {}
 
 
 def test_whole_graph_end_to_end(tmp_path):
@@ -103,6 +129,7 @@ def test_whole_graph_end_to_end(tmp_path):
                                     resources=defs.resources, instance=instance)
             trained = result.asset_materializations_for_node("model")[0].metadata
             assert trained["train_images"].value == 8 and 0 <= trained["bank_image_auroc"].value <= 1
+            assert trained["budget"].value == "tiny"
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0.0 <= meta["image_auroc"].value <= 1.0
             assert "data:image/png;base64," in meta["gallery"].value
@@ -113,12 +140,14 @@ def test_whole_graph_end_to_end(tmp_path):
         model_dir = data / "models" / method / "synthetic" / "fabric"
         assert {"config.json", "weights.pt", "training_log.json", "calibration.json"} <= {
             p.name for p in model_dir.iterdir()}
+        assert json.loads((model_dir / "config.json").read_text())["budget"] == "tiny"
         metrics = json.loads((data / "eval" / method / "synthetic" / "fabric" / "metrics.json").read_text())
-        assert metrics["n_test"] == 12 and set(metrics["image_auroc_per_defect_type"]) == {
+        assert metrics["budget"] == "tiny" and metrics["n_test"] == 12 and set(metrics["image_auroc_per_defect_type"]) == {
             "scratch", "hole", "stain", "crack"}
     report = (data / "reports" / "report.html").read_text()
     assert "synthetic/circuit" in report and "AUPRO" in report and report.count("data:image/png;base64,") >= 6
     assert "<script src" not in report and "<link" not in report  # self-contained
+    assert "<th>budget</th>" in report and "<td>tiny</td>" in report
     assert 'alt="pfm learning curve for synthetic/fabric"' in report and "mean_image learning curve" not in report
     dvc_metrics = json.loads((data / "reports" / "metrics.json").read_text())
     assert set(dvc_metrics["synthetic/fabric"]) == {"pfm", "mean_image"}

@@ -115,6 +115,7 @@ class AnomalyMethod:
         self.device = torch.device("cpu")
         self.net: nn.Module = nn.Module()
         self.provenance: dict[str, Any] = {}  # where pretrained weights came from, filled by subclasses
+        self.budget: str | None = None  # the named budget (params.yaml) the config came from, if any
 
     # -- the contract --------------------------------------------------------------------------
     def fit(self, train: Dataset, valid: Dataset | None = None, device: str = "auto",
@@ -143,7 +144,8 @@ class AnomalyMethod:
         with atomic_path(folder / "weights.pt") as tmp:
             torch.save({"net": self.net.state_dict(), "extra": self.extra_state()}, tmp)
         write_json(folder / "config.json", {"method": self.name, "config": config_to_dict(self.config),
-                                            "provenance": self.provenance, "versions": library_versions()})
+                                            "budget": self.budget, "provenance": self.provenance,
+                                            "versions": library_versions()})
         return folder
 
     @classmethod
@@ -157,6 +159,7 @@ class AnomalyMethod:
         method.net.load_state_dict(state["net"])
         method.load_extra_state(state["extra"])
         method.provenance = saved.get("provenance", {})
+        method.budget = saved.get("budget")
         method.to(resolve_device(device))
         return method
 

@@ -39,6 +39,12 @@ The paper is authoritative (no official code exists). What it leaves open, and w
   provenance says which. It is only needed for training.
 - Reference image: the training image whose pooled deep feature (perceptual network) is closest
   to the mean of all training images' features: the most typical good image. Kept in the weights.
+- `references` > 1 (*extension*, not in the paper): one fixed reference cannot stand for a category
+  whose good parts differ from one another (magnetic tile: several tile types, lightings and
+  orientations), and RBFRM can only rebuild a patch from content the reference has. Then the typical
+  image is joined by further training images chosen by farthest-point sampling on the same
+  perceptual features, and each image is repaired with the reference nearest to it (pooled layer-5
+  encoder feature; a training image never with itself). 1 (default) is the paper's design.
 - Batch size 4 (the authors' lab convention; the paper does not say).
 - Checkpoint selection: every `select_every` phase-2 epochs the model is scored on the validation
   data when it holds defective images (our synthetic validation bank: mean of image and pixel
@@ -93,6 +99,7 @@ class NDPNetConfig:
     defects: dict = field(default_factory=lambda: {"masks": {"perlin": 1.0}, "source": "procedural",
                                                    "blend": "replace", "p_defect": 1.0})
     phase2_p_defect: float = 0.5
+    references: int = 1  # reference images; 1 = the paper's one typical image, k > 1: the nearest of k
     select_every: int = 10  # phase-2 epochs between checkpoint scorings on the validation bank
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
@@ -108,8 +115,8 @@ class NDPNetConfig:
             raise ValueError("ffm_kernel m must be larger than the largest patch size K (paper Sec. III-C2)")
         if len(self.scale_weights) != 3:
             raise ValueError("scale_weights: one weight per MSDSM scale (3)")
-        if min(self.phase1_epochs, self.phase2_epochs, self.batch_size) < 1:
-            raise ValueError("phase1_epochs, phase2_epochs and batch_size must be at least 1")
+        if min(self.phase1_epochs, self.phase2_epochs, self.batch_size, self.references) < 1:
+            raise ValueError("phase1_epochs, phase2_epochs, batch_size and references must be at least 1")
         DefectConfig.from_dict(self.defects)  # fail early on a bad defects config
 
 
@@ -151,9 +158,9 @@ def from_patches(p: torch.Tensor, k: int, shape: torch.Size) -> torch.Tensor:
 
 def reference_repair(f: torch.Tensor, ref: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
     """RBFRM (Eqs. 3-5): each k x k patch of `f` becomes a softmax(cosine)-weighted sum of the
-    reference's patches. f [B, C, H, W], ref [1, C, H, W]."""
-    p, b = to_patches(f, k), to_patches(ref, k)[0]
-    similarity = F.normalize(p, dim=-1) @ F.normalize(b, dim=-1).T  # [B, N, N_ref]
+    reference's patches. f [B, C, H, W], ref [1 or B, C, H, W] (one reference per image)."""
+    p, b = to_patches(f, k), to_patches(ref, k)
+    similarity = F.normalize(p, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)  # [B, N, N_ref]
     repaired = (similarity / temperature).softmax(-1) @ b
     return from_patches(repaired, k, f.shape)
 
@@ -220,7 +227,7 @@ class NDPNetwork(nn.Module):
                                         cfg.repair_temperature) for w in cfg.widths[2:])
         self.decoder = Decoder(cfg.widths)
         self.msdsm = MSDSM(cfg.widths)
-        self.register_buffer("reference", torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        self.register_buffer("reference", torch.zeros(cfg.references, 3, cfg.image_size, cfg.image_size))
 
     def repair(self, features: list[torch.Tensor], ref_features: list[torch.Tensor]) -> list[torch.Tensor]:
         """RBAM outputs at layers 3-5."""
@@ -294,19 +301,35 @@ class NDPNet(AnomalyMethod):
             torch.manual_seed(self.config.seed)
             self.net = NDPNetwork(self.config)
         self._ref_features: list[torch.Tensor] | None = None
+        self._ref_keys: torch.Tensor | None = None
+        self.reference_paths: list[str] = []
 
     # -- the pieces of a forward pass ---------------------------------------------------------
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return model_input(images, self.config.image_size, self.device)
 
     def _reference_features(self) -> list[torch.Tensor]:
+        """The references' layer 1-5 features (only 3-5 are used: the RBAM layers) and their keys."""
         if self._ref_features is None:  # the encoder is frozen from phase 2 on: compute once
             with torch.no_grad():
-                self._ref_features = self.net.encoder(self.net.reference)
+                chunks = [self.net.encoder(chunk) for chunk in self.net.reference.split(8)]
+                self._ref_features = [None, None] + [torch.cat([c[level] for c in chunks])
+                                                     for level in range(2, 5)]
+                self._ref_keys = self._ref_features[-1].float().mean((2, 3))
         return self._ref_features
 
-    def _reconstruct(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        repaired = self.net.repair(features, self._reference_features())
+    def _reconstruct(self, features: list[torch.Tensor],
+                     own_reference: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Repair and decode. With several references each image uses its nearest one;
+        `own_reference` [B, k] marks the references that are the image itself (training)."""
+        references = self._reference_features()
+        if len(self.net.reference) > 1:
+            distance = torch.cdist(features[-1].float().mean((2, 3)), self._ref_keys)
+            if own_reference is not None:
+                distance = distance.masked_fill(own_reference, float("inf"))
+            nearest = distance.argmin(1)
+            references = [None if r is None else r[nearest] for r in references]
+        repaired = self.net.repair(features, references)
         return self.net.decoder(*repaired), repaired
 
     def _fuse(self, logits: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -323,11 +346,17 @@ class NDPNet(AnomalyMethod):
         return net
 
     @torch.no_grad()
-    def _choose_reference(self, images: torch.Tensor, perceptual: FeatureExtractor) -> int:
-        """Index of the most typical image: pooled deepest feature closest to the mean one."""
-        pooled = torch.cat([perceptual(self._resize(chunk))[-1].float().mean((2, 3))
+    def _choose_references(self, images: torch.Tensor, perceptual: FeatureExtractor) -> list[int]:
+        """Indices of the references: the most typical image (pooled deepest feature closest to
+        the mean one), then farthest-point sampling in the same space up to `references`."""
+        pooled = torch.cat([perceptual(self._resize(chunk.float() / 255))[-1].float().mean((2, 3))
                             for chunk in images.split(16)])
-        return int((pooled - pooled.mean(0)).norm(dim=1).argmin())
+        chosen = [int((pooled - pooled.mean(0)).norm(dim=1).argmin())]
+        nearest = (pooled - pooled[chosen[0]]).norm(dim=1)
+        while len(chosen) < min(self.config.references, len(images)):
+            chosen.append(int(nearest.argmax()))
+            nearest = torch.minimum(nearest, (pooled - pooled[chosen[-1]]).norm(dim=1))
+        return chosen
 
     def _batches(self, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         return list(torch.randperm(n, generator=generator).split(self.config.batch_size))
@@ -341,9 +370,13 @@ class NDPNet(AnomalyMethod):
         images = images_in_memory(train, self._resize)
         n = len(images)
         perceptual = self._perceptual_network().to(self.device)
-        reference = self._choose_reference(images.float() / 255, perceptual)
-        self.net.reference.copy_(images[reference:reference + 1].float().div(255))
-        self.reference_path = str(train[reference].get("path", reference))
+        chosen = self._choose_references(images, perceptual)
+        if len(chosen) < cfg.references:
+            raise ValueError(f"references: {cfg.references} reference images asked for, but only "
+                             f"{n} training images")
+        self.net.reference.copy_(images[chosen].float().div(255))
+        self.reference_paths = [str(train[i].get("path", i)) for i in chosen]
+        reference_index = torch.tensor(chosen, device=self.device)
         phase1_defects = DefectSynthesizer(DefectConfig.from_dict({**cfg.defects, "p_defect": 1.0}))
         phase2_defects = DefectSynthesizer(DefectConfig.from_dict({**cfg.defects, "p_defect": cfg.phase2_p_defect}))
 
@@ -391,7 +424,7 @@ class NDPNet(AnomalyMethod):
                     with torch.no_grad():
                         f_good = self.net.encoder(good)
                         f_defect = self.net.encoder(defective)
-                    rebuilt, repaired = self._reconstruct(f_defect)
+                    rebuilt, repaired = self._reconstruct(f_defect, idx.to(self.device)[:, None] == reference_index)
                     logits = self.net.segment(f_defect, rebuilt)
                     rebuilt = rebuilt.float()
                     losses = torch.stack([
@@ -416,14 +449,15 @@ class NDPNet(AnomalyMethod):
                 "loss_per_epoch": [[cfg.w_rec * a, cfg.w_per * b, cfg.w_def_per * c] for a, b, c in phase1]
                 + [[cfg.w_rec * a, cfg.w_per * b, cfg.w_fea_rep * c + cfg.w_seg * d] for a, b, c, d in phase2],
                 "final_loss": float(np.dot([cfg.w_rec, cfg.w_per, cfg.w_fea_rep, cfg.w_seg], phase2[-1])),
-                "reference_image": self.reference_path, **selection.summary(cfg.phase2_epochs)}
+                "reference_image": self.reference_paths[0], "reference_images": self.reference_paths,
+                **selection.summary(cfg.phase2_epochs)}
 
     # -- persistence ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"reference_path": getattr(self, "reference_path", "")}
+        return {"reference_paths": self.reference_paths}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.reference_path = state.get("reference_path", "")
+        self.reference_paths = state.get("reference_paths") or [state.get("reference_path", "")]
         self._ref_features = None
 
     def to(self, device: torch.device) -> "NDPNet":

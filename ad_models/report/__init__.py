@@ -28,6 +28,7 @@ TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
 # images passed at the threshold calibrated on the synthetic defect bank)
 OPTIONAL_COLUMNS = [("auspro_0.05", "sPRO@0.05"), ("auspro_0.3", "sPRO@0.3"),
                     ("f1_at_threshold", "F1 @ bank threshold"), ("good_pass_rate_at_threshold", "good passed")]
+LABEL_COLUMNS = [("budget", "budget")]  # what produced a row: text, not a DVC metric
 DVC_METRICS = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "train_seconds", "inference_ms_per_image"]
 
 
@@ -121,7 +122,8 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
     for category in dict.fromkeys(e.category for e in entries):
         rows, curves, galleries, learning = [], {}, [], []
         results = {e.method: read_json(e.folder / "metrics.json") for e in entries if e.category == category}
-        columns = TABLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in m for m in results.values())]
+        columns = [c for c in LABEL_COLUMNS if any(m.get(c[0]) for m in results.values())]
+        columns += TABLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in m for m in results.values())]
         for entry in (e for e in entries if e.category == category):
             m = results[entry.method]
             all_metrics.setdefault(category, {})[entry.method] = {
