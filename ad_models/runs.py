@@ -46,9 +46,10 @@ def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
 
 def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
           *, bank_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True,
-          batch_size: int = 8, budget: str | None = None) -> dict[str, Any]:
+          batch_size: int = 8, budget: str | None = None, compile: str | None = None) -> dict[str, Any]:
     """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`.
     `budget` names the settings `config` came from (params.yaml's budgets); it is recorded.
+    `compile`: a torch.compile mode for the networks ("default", "reduce-overhead", ...), None: eager.
 
     With a defect bank (`bank_dir`), its held-out images are left out of training, the bank (plus
     any validation/good images) is the validation data a method may select checkpoints on, and
@@ -57,6 +58,8 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     manifest = read_manifest(dataset_dir)
     model = create_method(method, config)
     model.budget = budget
+    if compile:
+        model.compile_networks(compile)
     size = model.config.image_size
     train_rows = manifest[manifest.split == "train"]
     valid_rows = manifest[manifest.split == "validation"]
@@ -71,7 +74,7 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
-    log.update(method=method, budget=budget, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
+    log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
                training_data_version=training_data_version(dataset_dir))
     calibration = None
     if can_select_on(valid_set):

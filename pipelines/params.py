@@ -39,7 +39,9 @@ EXECUTION_DEFAULTS = {
     "lock_dir": "",  # where the per-device locks live on each machine (default: <tmp>/adpipe-devices)
     "celery": {},  # celery: {broker: redis://host:6379/0, backend: redis://host:6379/1}
     "k8s": {},  # k8s: {image, namespace, gpu_node_selector, gpu_tolerations, data_volume_claim}
+    "compile": False,  # torch.compile the networks for training: false, or a mode (COMPILE_MODES)
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class ParamsError(ValueError):
@@ -175,6 +177,9 @@ def _check_execution(path: Path, execution: dict[str, Any]) -> None:
     for key in ("max_concurrent", "gpu_slots"):
         if not isinstance(execution[key], int) or isinstance(execution[key], bool) or execution[key] < 0:
             raise ParamsError(f"{path}: execution.{key} must be an integer >= 0, not {execution[key]!r}")
+    if execution["compile"] is not False and execution["compile"] not in COMPILE_MODES:
+        raise ParamsError(f"{path}: execution.compile must be false or one of {list(COMPILE_MODES)}, "
+                          f"not {execution['compile']!r}")
     celery = execution["celery"]
     if not isinstance(celery, dict) or set(celery) - {"broker", "backend"}:
         raise ParamsError(f"{path}: execution.celery takes `broker` and `backend` URLs, got {celery!r}")

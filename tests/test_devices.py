@@ -76,6 +76,7 @@ def test_the_gpu_pool_follows_the_devices(tmp_path):
     ({"max_concurrent": -1}, "execution.max_concurrent"),
     ({"gpu_slots": "all"}, "execution.gpu_slots"),
     ({"gpus": 2}, "execution: unknown keys ['gpus']"),
+    ({"compile": "fast"}, "execution.compile must be false or one of ['default', 'reduce-overhead', 'max-autotune']"),
 ])
 def test_bad_execution_settings_are_clear(tmp_path, execution, problem):
     with pytest.raises(ParamsError, match=problem.replace("[", r"\[").replace("(", r"\(")):

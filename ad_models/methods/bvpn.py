@@ -96,8 +96,8 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, BackboneWeightsError, FeatureExtractor, first_available_network
 from ad_models.defects import DefectSynthesizer, color_jitter
-from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
-                                    resolve_device, seed_everything)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast, images_in_memory,
+                                    model_input, resolve_device, seed_everything, step_phase)
 from ad_models.methods.bvpn_logical import LogicalModule
 from ad_models.methods.losses import ssim
 
@@ -498,7 +498,8 @@ class BVPN(AnomalyMethod):
             with torch.no_grad():
                 views = [self._distill_augment(self._float(b), generator, anomalies)
                          for _ in range(cfg.distill_views) for b in images.split(16)]
-                views = (torch.cat([(v * 255).round().to(torch.uint8) for v in views]),
+                views = (TrainingImages(torch.cat([(v * 255).round().to(torch.uint8).cpu() for v in views]),
+                                        self.device).data,
                          torch.cat([((target(v.float()) - mean) / std).half() for v in views]))
         teacher = self.net.teacher.requires_grad_(True).train()
         optimizer = torch.optim.Adam(teacher.parameters(), lr=cfg.distill_lr, weight_decay=1e-5)
@@ -506,23 +507,28 @@ class BVPN(AnomalyMethod):
         try:
             for _ in tqdm(range(cfg.distill_iterations), desc="bvpn: distil teacher", disable=not progress,
                           leave=False):
-                if views is None:
-                    idx = torch.randint(len(images), (cfg.distill_batch_size,), generator=generator)
-                    x = self._distill_augment(self._float(images[idx]), generator, anomalies)
-                    y = (target(x) - mean) / std
-                else:
-                    idx = torch.randint(len(views[0]), (cfg.distill_batch_size,), generator=generator)
-                    x, y = self._float(views[0][idx]), views[1][idx].to(self.device).float()
-                with autocast(self.device, cfg.amp):
-                    out = teacher(self.net.normalise(x))
-                loss = F.mse_loss(out.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                with step_phase("data"):
+                    if views is None:
+                        idx = torch.randint(len(images), (cfg.distill_batch_size,), generator=generator)
+                        x = self._distill_augment(self._float(images[idx]), generator, anomalies)
+                        y = (target(x) - mean) / std
+                    else:
+                        idx = torch.randint(len(views[0]), (cfg.distill_batch_size,), generator=generator)
+                        on = views[0].device
+                        x, y = self._float(views[0][idx.to(on)]), views[1][idx.to(on)].to(self.device).float()
+                with step_phase("forward"):
+                    with autocast(self.device, cfg.amp):
+                        out = teacher(self.net.normalise(x))
+                    loss = F.mse_loss(out.float(), y)
+                with step_phase("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                with step_phase("optimizer"):
+                    optimizer.step()
+                losses.append(loss.detach())
         finally:
             teacher.requires_grad_(False).eval()
-        return losses
+        return torch.stack(losses).tolist() if losses else []  # one sync, not one per iteration
 
     @staticmethod
     def _distill_augment(x: torch.Tensor, generator: torch.Generator, anomalies: DefectSynthesizer) -> torch.Tensor:
@@ -647,36 +653,42 @@ class BVPN(AnomalyMethod):
         select = bool(cfg.select_every) and selection.enabled
         every = max(1, min(cfg.select_every or max(1, cfg.iterations // 10), cfg.iterations))
         history: list[list[float]] = []
-        running = torch.zeros(len(LOSS_COLUMNS))
+        running = torch.zeros(len(LOSS_COLUMNS), device=self.device)  # summed on the device: no sync per step
+        resident = TrainingImages(images, self.device)
         net.train()
         bar = tqdm(range(cfg.iterations), desc="bvpn: train", disable=not progress, leave=False)
         for step in bar:
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-            x_st = self._float(images[idx])
-            x_ae = augment_ae(x_st, generator)
-            x_st, x_ae = net.normalise(x_st), net.normalise(x_ae)
-            with torch.no_grad():
+            with step_phase("data"):
+                idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+                x_st = resident.batch(idx)
+                x_ae = augment_ae(x_st, generator)
+                x_st, x_ae = net.normalise(x_st), net.normalise(x_ae)
+            with step_phase("forward"):
+                with torch.no_grad():
+                    with autocast(self.device, cfg.amp):
+                        t = net.teacher(torch.cat([x_st, x_ae])).float()
+                    t = (t - net.teacher_mean) / net.teacher_std
+                    t_st, t_ae = t.chunk(2)
                 with autocast(self.device, cfg.amp):
-                    t = net.teacher(torch.cat([x_st, x_ae])).float()
-                t = (t - net.teacher_mean) / net.teacher_std
-                t_st, t_ae = t.chunk(2)
-            with autocast(self.device, cfg.amp):
-                s_p, s_c = net.para(x_st).float(), net.central(x_ae).float()
-                a7, a3 = net.ae7(x_ae).float(), net.ae3(x_ae).float()
-            loss_st = hard_feature_loss((t_st - s_p) ** 2, cfg.hard_quantile)
-            loss_ae = (0.5 * (t_ae - a7) ** 2 + 0.5 * (t_ae - a3) ** 2).mean()
-            loss_stae = hard_feature_loss(0.5 * (a7 - s_c) ** 2 + 0.5 * (a3 - s_c) ** 2, cfg.hard_quantile)
-            similarity = ssim(t_ae, a7, cfg.ssim_window, cfg.ssim_sigma)
-            loss = loss_st + loss_ae + loss_stae - cfg.w_ssim * similarity
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running += torch.stack([loss_st, loss_ae, loss_stae, similarity]).detach().float().cpu()
+                    s_p, s_c = net.para(x_st).float(), net.central(x_ae).float()
+                    a7, a3 = net.ae7(x_ae).float(), net.ae3(x_ae).float()
+                loss_st = hard_feature_loss((t_st - s_p) ** 2, cfg.hard_quantile)
+                loss_ae = (0.5 * (t_ae - a7) ** 2 + 0.5 * (t_ae - a3) ** 2).mean()
+                loss_stae = hard_feature_loss(0.5 * (a7 - s_c) ** 2 + 0.5 * (a3 - s_c) ** 2, cfg.hard_quantile)
+                similarity = ssim(t_ae, a7, cfg.ssim_window, cfg.ssim_sigma)
+                loss = loss_st + loss_ae + loss_stae - cfg.w_ssim * similarity
+            with step_phase("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with step_phase("optimizer"):
+                optimizer.step()
+                schedule.step()
+            running += torch.stack([loss_st, loss_ae, loss_stae, similarity]).detach().float()
             if (step + 1) % every == 0 or step + 1 == cfg.iterations:
-                history.append((running / ((step % every) + 1)).tolist())
-                running.zero_()
-                bar.set_postfix(loss=f"{history[-1][0] + history[-1][1] + history[-1][2] - history[-1][3]:.4f}")
+                with step_phase("log"):
+                    history.append((running / ((step % every) + 1)).tolist())
+                    running.zero_()
+                    bar.set_postfix(loss=f"{history[-1][0] + history[-1][1] + history[-1][2] - history[-1][3]:.4f}")
                 if select:
                     self.calibrate(calibration)
                     selection.consider(step + 1)

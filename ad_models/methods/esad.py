@@ -107,8 +107,8 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import grid_cell_sizes, grid_masks, stroke_masks
-from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
-                                    resolve_device, seed_everything)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
+                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
 from ad_models.methods.losses import ssim
 
 FEATURE_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
@@ -368,41 +368,47 @@ class ESAD(AnomalyMethod):
         self.to(resolve_device(device))
         generator = seed_everything(cfg.seed)
         start = time.perf_counter()
-        images = images_in_memory(train, self._resize)
+        images = TrainingImages(images_in_memory(train, self._resize), self.device)
         n = len(images)
         trained = [self.net.inpaint, self.net.reconstruct]
         optimizer = torch.optim.Adam([p for m in trained for p in m.parameters()], lr=cfg.lr)
-        weights = torch.tensor([cfg.w_px, cfg.w_px, cfg.w_ssim, cfg.w_ssim, cfg.w_msgms, cfg.w_feat])
+        weights = torch.tensor([cfg.w_px, cfg.w_px, cfg.w_ssim, cfg.w_ssim, cfg.w_msgms, cfg.w_feat], device=self.device)
         selection = CheckpointSelection(self, valid, trained, cfg.batch_size)
         history: list[list[float]] = []
         bar = tqdm(range(cfg.epochs), desc="esad: train", disable=not progress, leave=False)
         for epoch in bar:
             self.net.train()
-            totals, steps = torch.zeros(len(weights)), 0
+            totals, steps = torch.zeros(len(weights), device=self.device), 0  # summed on the device
             for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
-                x = self._resize(images[idx].float().div_(255))
-                keep = 1 - self._train_masks(len(idx), generator)
-                with autocast(self.device, cfg.amp):
-                    pre = self._inpaint(x * keep, 1 - keep)
-                    rec = self._reconstruct(fill(x, pre if cfg.joint_gradients else pre.detach(), keep, test=False), x)
-                    with torch.no_grad():
-                        fx = self.net.features(x)
-                    fr = self.net.features(rec)
-                pre, rec = pre.float(), rec.float()
-                zero = x.new_zeros(())
-                losses = torch.stack([
-                    F.mse_loss(pre, x), F.mse_loss(rec, x),
-                    1 - ssim(pre, x, cfg.ssim_window), 1 - ssim(rec, x, cfg.ssim_window),
-                    msgms_loss(pre, x) + msgms_loss(rec, x) if cfg.w_msgms else zero,
-                    feature_loss(fx, fr)])
-                weighted = weights.to(self.device) * losses
-                optimizer.zero_grad(set_to_none=True)
-                weighted.sum().backward()
-                optimizer.step()
-                totals += weighted.detach().cpu()
+                with step_phase("data"):
+                    x = self._resize(images.batch(idx))
+                    keep = 1 - self._train_masks(len(idx), generator)
+                with step_phase("forward"):
+                    with autocast(self.device, cfg.amp):
+                        pre = self._inpaint(x * keep, 1 - keep)
+                        rec = self._reconstruct(fill(x, pre if cfg.joint_gradients else pre.detach(), keep,
+                                                     test=False), x)
+                        with torch.no_grad():
+                            fx = self.net.features(x)
+                        fr = self.net.features(rec)
+                    pre, rec = pre.float(), rec.float()
+                    zero = x.new_zeros(())
+                    losses = torch.stack([
+                        F.mse_loss(pre, x), F.mse_loss(rec, x),
+                        1 - ssim(pre, x, cfg.ssim_window), 1 - ssim(rec, x, cfg.ssim_window),
+                        msgms_loss(pre, x) + msgms_loss(rec, x) if cfg.w_msgms else zero,
+                        feature_loss(fx, fr)])
+                    weighted = weights * losses
+                with step_phase("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    weighted.sum().backward()
+                with step_phase("optimizer"):
+                    optimizer.step()
+                totals += weighted.detach()
                 steps += 1
-            history.append((totals / steps).tolist())
-            bar.set_postfix(loss=f"{sum(history[-1]):.4f}")
+            with step_phase("log"):
+                history.append((totals / steps).tolist())
+                bar.set_postfix(loss=f"{sum(history[-1]):.4f}")
             if selection.enabled and ((epoch + 1) % cfg.select_every == 0 or epoch + 1 == cfg.epochs):
                 selection.consider(epoch + 1)
         selection.restore()

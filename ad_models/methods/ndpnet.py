@@ -65,8 +65,8 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectSynthesizer
-from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
-                                    resolve_device, seed_everything)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
+                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
 
 PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
     "vgg16": {"name": "vgg16.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -269,13 +269,14 @@ def perceptual_loss(net: FeatureExtractor, a: torch.Tensor, b: torch.Tensor) -> 
     return torch.stack([F.l1_loss(y, x) for x, y in zip(fa, net(b))]).mean()
 
 
-def optimise(optimizer: torch.optim.Optimizer, weights: list[float], losses: torch.Tensor) -> torch.Tensor:
-    """One step on the weighted sum of `losses`; returns them detached, on the CPU, for the log."""
-    loss = (torch.tensor(weights, device=losses.device) * losses.float()).sum()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return losses.detach().float().cpu()
+def optimise(optimizer: torch.optim.Optimizer, weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """One step on the weighted sum of `losses`; returns them detached (on the device: no sync) for the log."""
+    with step_phase("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        (weights * losses.float()).sum().backward()
+    with step_phase("optimizer"):
+        optimizer.step()
+    return losses.detach().float()
 
 
 def smooth_map(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -367,21 +368,21 @@ class NDPNet(AnomalyMethod):
         self.to(resolve_device(device))
         generator = seed_everything(cfg.seed)
         start = time.perf_counter()
-        images = images_in_memory(train, self._resize)
+        images = TrainingImages(images_in_memory(train, self._resize), self.device)
         n = len(images)
         perceptual = self._perceptual_network().to(self.device)
-        chosen = self._choose_references(images, perceptual)
+        chosen = self._choose_references(images.data, perceptual)
         if len(chosen) < cfg.references:
             raise ValueError(f"references: {cfg.references} reference images asked for, but only "
                              f"{n} training images")
-        self.net.reference.copy_(images[chosen].float().div(255))
+        self.net.reference.copy_(images.batch(torch.tensor(chosen)))
         self.reference_paths = [str(train[i].get("path", i)) for i in chosen]
         reference_index = torch.tensor(chosen, device=self.device)
         phase1_defects = DefectSynthesizer(DefectConfig.from_dict({**cfg.defects, "p_defect": 1.0}))
         phase2_defects = DefectSynthesizer(DefectConfig.from_dict({**cfg.defects, "p_defect": cfg.phase2_p_defect}))
 
-        def batch_of(idx: torch.Tensor) -> torch.Tensor:
-            return images[idx].to(self.device).float().div_(255)
+        def weights(*w: float) -> torch.Tensor:
+            return torch.tensor(w, device=self.device)
 
         # phase 1: encoder + decoder; reconstruction, perceptual, defect perception (Eq. 14)
         params = list(self.net.encoder.parameters()) + list(self.net.decoder.parameters())
@@ -390,19 +391,21 @@ class NDPNet(AnomalyMethod):
         phase1: list[list[float]] = []
         bar = tqdm(range(cfg.phase1_epochs), desc="ndpnet: phase 1", disable=not progress, leave=False)
         for _ in bar:
-            totals = torch.zeros(3)
+            totals = torch.zeros(3, device=self.device)
             for idx in (steps := self._batches(n, generator)):
-                good = batch_of(idx)
-                defective, mask = phase1_defects(good, generator)
-                with autocast(self.device, cfg.amp):
+                with step_phase("data"):
+                    good = images.batch(idx)
+                    defective, mask = phase1_defects(good, generator)
+                with step_phase("forward"), autocast(self.device, cfg.amp):
                     f_good = self.net.encoder(good)
                     f_defect = self.net.encoder(defective)
                     rebuilt = self.net.decoder(*f_good[2:]).float()
                     losses = torch.stack([F.mse_loss(rebuilt, good), perceptual_loss(perceptual, good, rebuilt),
                                           defect_perception_loss(f_good, f_defect, mask)])
-                totals += optimise(optimizer, [cfg.w_rec, cfg.w_per, cfg.w_def_per], losses)
-            phase1.append((totals / len(steps)).tolist())
-            bar.set_postfix(rec=f"{phase1[-1][0]:.4f}", def_per=f"{phase1[-1][2]:.4f}")
+                totals += optimise(optimizer, weights(cfg.w_rec, cfg.w_per, cfg.w_def_per), losses)
+            with step_phase("log"):
+                phase1.append((totals / len(steps)).tolist())
+                bar.set_postfix(rec=f"{phase1[-1][0]:.4f}", def_per=f"{phase1[-1][2]:.4f}")
 
         # phase 2: frozen encoder (eval: its BN statistics stay as phase 1 left them)
         self.net.encoder.requires_grad_(False).eval()
@@ -416,11 +419,12 @@ class NDPNet(AnomalyMethod):
         phase2: list[list[float]] = []
         bar = tqdm(range(cfg.phase2_epochs), desc="ndpnet: phase 2", disable=not progress, leave=False)
         for epoch in bar:
-            totals = torch.zeros(4)
+            totals = torch.zeros(4, device=self.device)
             for idx in (steps := self._batches(n, generator)):
-                good = batch_of(idx)
-                defective, mask = phase2_defects(good, generator)
-                with autocast(self.device, cfg.amp):
+                with step_phase("data"):
+                    good = images.batch(idx)
+                    defective, mask = phase2_defects(good, generator)
+                with step_phase("forward"), autocast(self.device, cfg.amp):
                     with torch.no_grad():
                         f_good = self.net.encoder(good)
                         f_defect = self.net.encoder(defective)
@@ -431,9 +435,10 @@ class NDPNet(AnomalyMethod):
                         F.mse_loss(rebuilt, good), perceptual_loss(perceptual, good, rebuilt),
                         torch.stack([F.mse_loss(r.float(), g.float()) for r, g in zip(repaired, f_good[2:])]).mean(),
                         torch.stack([focal_loss(x, mask, cfg.focal_gamma) for x in logits]).mean()])
-                totals += optimise(optimizer, [cfg.w_rec, cfg.w_per, cfg.w_fea_rep, cfg.w_seg], losses)
-            phase2.append((totals / len(steps)).tolist())
-            bar.set_postfix(rec=f"{phase2[-1][0]:.4f}", seg=f"{phase2[-1][3]:.4f}")
+                totals += optimise(optimizer, weights(cfg.w_rec, cfg.w_per, cfg.w_fea_rep, cfg.w_seg), losses)
+            with step_phase("log"):
+                phase2.append((totals / len(steps)).tolist())
+                bar.set_postfix(rec=f"{phase2[-1][0]:.4f}", seg=f"{phase2[-1][3]:.4f}")
             last = epoch + 1 == cfg.phase2_epochs
             if selection.enabled and ((epoch + 1) % cfg.select_every == 0 or last):
                 selection.consider(epoch + 1)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, FeatureExtractor
 from ad_models.methods.base import (AnomalyMethod, autocast, image_batches, resolve_device,
-                                    seed_everything)
+                                    seed_everything, step_phase)
 
 
 @dataclass
@@ -205,22 +205,27 @@ class PFM(AnomalyMethod):
         losses: list[list[float]] = []  # [epoch][level]
         bar = tqdm(range(cfg.epochs), desc=f"{self.name}: train", disable=not progress, leave=False)
         for _epoch in bar:
-            epoch_loss, batches = torch.zeros(len(optimizers)), 0
+            epoch_loss, batches = torch.zeros(len(optimizers), device=self.device), 0  # summed on the device
             for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
-                if cached:
-                    fs, ft = [f[idx] for f in fs_all], [f[idx] for f in ft_all]
-                else:
-                    fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
+                with step_phase("data"):
+                    if cached:
+                        on = fs_all[0].device
+                        fs, ft = [f[idx.to(on)] for f in fs_all], [f[idx.to(on)] for f in ft_all]
+                    else:
+                        fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
                 for level, (proj, opt) in enumerate(zip(self.net.projectors, optimizers)):
-                    with autocast(self.device, cfg.amp):
+                    with step_phase("forward"), autocast(self.device, cfg.amp):
                         s_hat, t_hat = proj(fs[level], ft[level])
                         loss = F.mse_loss(s_hat.float(), fs[level]) + F.mse_loss(t_hat.float(), ft[level])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    epoch_loss[level] += loss.detach().float().cpu()
+                    with step_phase("backward"):
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    with step_phase("optimizer"):
+                        opt.step()
+                    epoch_loss[level] += loss.detach().float()
                 batches += 1
-            losses.append((epoch_loss / batches).tolist())
+            with step_phase("log"):
+                losses.append((epoch_loss / batches).tolist())
             bar.set_postfix(loss=f"{sum(losses[-1]):.4f}")
         self.net.eval()
         log = {"epochs": cfg.epochs, "train_images": n, "feature_cache": cached,

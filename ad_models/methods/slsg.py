@@ -77,8 +77,8 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectMixture, color_jitter
-from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, autocast, images_in_memory, model_input,
-                                    resolve_device, seed_everything)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
+                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
 
 ENCODERS = {  # name -> backbone; "auto" tries the paper's ResNet-18 first, then the offline network
     "resnet18": {"name": "resnet18.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -400,7 +400,7 @@ class SLSG(AnomalyMethod):
         return max(1, round(self.config.score_top_k * (self.config.image_size / 256) ** 2))
 
     # -- training -----------------------------------------------------------------------------
-    def pretrain(self, images: torch.Tensor, generator: torch.Generator, progress: bool) -> list[float]:
+    def pretrain(self, images: TrainingImages, generator: torch.Generator, progress: bool) -> list[float]:
         """The generative pre-training stage (module docstring): masked-patch inpainting that trains
         the encoder's weights (not its BN statistics); returns the loss per iteration."""
         cfg = self.config
@@ -414,19 +414,24 @@ class SLSG(AnomalyMethod):
         decoder.train()
         try:
             for _ in tqdm(range(cfg.pretrain_iterations), desc="slsg: pre-train", disable=not progress, leave=False):
-                idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-                x = self._resize(images[idx].float().div_(255))
-                hidden = patch_masks(len(x), cfg.image_size, patch, cfg.pretrain_mask_ratio, generator).to(self.device)
-                with autocast(self.device, cfg.amp):
-                    rebuilt = decoder(encoder(x * (1 - hidden) + mean * hidden), x.shape[-2:]).float()
-                loss = ((rebuilt - x) ** 2 * hidden).sum() / (hidden.sum() * 3).clamp(min=1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                with step_phase("data"):
+                    idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+                    x = self._resize(images.batch(idx))
+                    hidden = patch_masks(len(x), cfg.image_size, patch, cfg.pretrain_mask_ratio,
+                                         generator).to(self.device, non_blocking=True)
+                with step_phase("forward"):
+                    with autocast(self.device, cfg.amp):
+                        rebuilt = decoder(encoder(x * (1 - hidden) + mean * hidden), x.shape[-2:]).float()
+                    loss = ((rebuilt - x) ** 2 * hidden).sum() / (hidden.sum() * 3).clamp(min=1)
+                with step_phase("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                with step_phase("optimizer"):
+                    optimizer.step()
+                losses.append(loss.detach())
         finally:
             encoder.requires_grad_(False)
-        return losses
+        return torch.stack(losses).tolist() if losses else []  # one sync, not one per iteration
 
     def fit(self, train: Dataset, valid: Dataset | None = None, device: str = "auto",
             progress: bool = True) -> dict[str, Any]:
@@ -434,7 +439,7 @@ class SLSG(AnomalyMethod):
         self.to(resolve_device(device))
         generator = seed_everything(cfg.seed)
         start = time.perf_counter()
-        images = images_in_memory(train, self._resize)
+        images = TrainingImages(images_in_memory(train, self._resize), self.device)
         pretrain_losses = self.pretrain(images, generator, progress) if cfg.pretrain_iterations else []
         anomalies = DefectMixture(cfg.defect_kinds())
         trained = [m for name, m in self.net.named_children() if name != "encoder"]
@@ -445,32 +450,38 @@ class SLSG(AnomalyMethod):
             optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.iterations)))
         selection = CheckpointSelection(self, valid, trained, 2 * cfg.batch_size)
         history: list[list[float]] = []
-        running = torch.zeros(len(LOSS_COLUMNS))
+        running = torch.zeros(len(LOSS_COLUMNS), device=self.device)  # summed on the device: no sync per step
+        loss_weights = torch.tensor([cfg.w_focal, cfg.w_l1, cfg.w_aux], device=self.device)
         every = max(1, min(cfg.select_every, cfg.iterations))
         self.net.train()
         bar = tqdm(range(cfg.iterations), desc="slsg: train", disable=not progress, leave=False)
         for step in bar:
-            idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
-            normal = color_jitter(self._resize(images[idx].float().div_(255)), generator, cfg.jitter)
-            anomalous, masks = anomalies(normal, generator)
-            x = torch.cat([normal, anomalous])
-            target = torch.cat([torch.zeros_like(masks), masks]).to(self.device)
-            with autocast(self.device, cfg.amp):
-                out, aux = self.net(self._resize(x))
-            probs, aux_probs = torch.softmax(out.float(), 1), torch.softmax(aux.float(), 1)
-            losses = torch.stack([focal_loss(probs, target, cfg.focal_gamma),
-                                  (probs[:, 1:] - target).abs().mean(), (aux_probs[:, 1:] - target).abs().mean()])
-            weighted = losses * torch.tensor([cfg.w_focal, cfg.w_l1, cfg.w_aux], device=losses.device)
-            optimizer.zero_grad(set_to_none=True)
-            weighted.sum().backward()
-            optimizer.step()
-            schedule.step()
-            running += weighted.detach().cpu()
+            with step_phase("data"):
+                idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
+                normal = color_jitter(self._resize(images.batch(idx)), generator, cfg.jitter)
+                anomalous, masks = anomalies(normal, generator)
+                x = torch.cat([normal, anomalous])
+                target = torch.cat([torch.zeros_like(masks), masks]).to(self.device)
+            with step_phase("forward"):
+                with autocast(self.device, cfg.amp):
+                    out, aux = self.net(self._resize(x))
+                probs, aux_probs = torch.softmax(out.float(), 1), torch.softmax(aux.float(), 1)
+                losses = torch.stack([focal_loss(probs, target, cfg.focal_gamma),
+                                      (probs[:, 1:] - target).abs().mean(), (aux_probs[:, 1:] - target).abs().mean()])
+                weighted = losses * loss_weights
+            with step_phase("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                weighted.sum().backward()
+            with step_phase("optimizer"):
+                optimizer.step()
+                schedule.step()
+            running += weighted.detach()
             if (step + 1) % every == 0 or step + 1 == cfg.iterations:
-                steps = (step % every) + 1
-                history.append((running / steps).tolist())
-                running.zero_()
-                bar.set_postfix(loss=f"{sum(history[-1]):.4f}")
+                with step_phase("log"):
+                    steps = (step % every) + 1
+                    history.append((running / steps).tolist())
+                    running.zero_()
+                    bar.set_postfix(loss=f"{sum(history[-1]):.4f}")
                 selection.consider(step + 1)
                 self.net.train()
         selection.restore()

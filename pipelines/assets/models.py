@@ -39,7 +39,8 @@ def build(params: Params) -> dg.AssetsDefinition:
         context.log.info(f"training {method} on {category} (device {accelerator.torch_device}) into {folder}")
         log = runs.train(method, p.method_options(method, category), p.dataset_dir(category), folder,
                          bank_dir=p.bank_dir(category), device=accelerator.torch_device, progress=adpipe.progress,
-                         batch_size=int(p.evaluation.get("batch_size", 8)), budget=p.budget)
+                         batch_size=int(p.evaluation.get("batch_size", 8)), budget=p.budget,
+                         compile=p.execution["compile"] or None)
         metadata = {"path": dg.MetadataValue.path(str(folder)), "budget": p.budget,
                     "train_images": log["counts"]["train"],
                     "train_seconds": dg.MetadataValue.float(log["train_seconds"]),

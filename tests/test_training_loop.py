@@ -1,0 +1,82 @@
+"""What every training loop shares: resident training images, the step clock and profiler ranges,
+the GPU benchmark that reads them, and the opt-in torch.compile path, all on the CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ad_models.data.layout import read_manifest
+from ad_models.data.loading import ImageDataset
+from ad_models.methods import create_method, load_method
+from ad_models.methods.base import STEP_PHASES, TrainingImages, clock_steps, step_phase
+
+ROOT = Path(__file__).resolve().parents[1]
+NDPNET = {"image_size": 64, "widths": (8, 8, 16, 16, 16), "ffm_channels": 8, "phase1_epochs": 1,
+          "phase2_epochs": 1, "batch_size": 4}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_training_images_give_the_same_floats_as_the_images():
+    data = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    images = TrainingImages(data, torch.device("cpu"))
+    idx = torch.tensor([3, 0, 3])
+    assert images.residence == "cpu" and len(images) == 5
+    assert torch.equal(images.batch(idx), data[idx].float() / 255)
+
+
+def test_the_step_clock_times_each_part_of_real_training_steps(tiny_category):
+    dataset, _ = tiny_category
+    rows = read_manifest(dataset)
+    train = ImageDataset(rows[rows.split == "train"], 64)
+    with clock_steps() as clock:
+        create_method("ndpnet", NDPNET).fit(train, device="cpu", progress=False)
+    assert set(clock.seconds) == set(STEP_PHASES)
+    assert all(clock.seconds[p] > 0 for p in ("data", "forward", "backward", "optimizer", "log"))
+    assert clock.seconds["select"] == 0  # no bank, nothing to score
+    # outside a clock the parts only mark profiler ranges: a trace names them
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with step_phase("forward"):
+            torch.ones(3).sum()
+    assert "train/forward" in {event.key for event in profile.key_averages()}
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_and_explains_a_step(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--methods", "pfm", "--device", "cpu",
+                           "--train-images", "8", "--image-size", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "img/s" in done.stdout and "step: data" in done.stdout and "device-hours" in done.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["loops"]["epochs"]["images_per_second"] > 0 and row["inference_ms_per_image"] > 0
+    # the parts of a step and the start-up add up to the whole training
+    assert sum(row["step_breakdown"].values()) == pytest.approx(1.0, abs=0.02)
+    assert row["full_budget_seconds"] > row["startup_seconds"]
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(tiny_category, tmp_path):
+    dataset, _ = tiny_category
+    rows = read_manifest(dataset)
+    train = ImageDataset(rows[rows.split == "train"][:8], 64)  # two full batches: one shape to compile
+    images = torch.rand(4, 3, 64, 64)
+    losses, scores = {}, {}
+    for mode in (None, "default"):
+        model = create_method("ndpnet", NDPNET)
+        if mode:
+            model.compile_networks(mode)
+        log = model.fit(train, device="cpu", progress=False)
+        model.save(tmp_path / str(mode))
+        losses[mode] = torch.tensor(log["loss_per_epoch"])
+        scores[mode] = model.predict(images)[0]
+    # float rounding apart, the same training and the same predictions
+    assert torch.allclose(losses[None], losses["default"], rtol=1e-3, atol=1e-5)
+    assert torch.allclose(scores[None], scores["default"], rtol=1e-3, atol=1e-4)
+    # the weights keep their names: a model trained compiled loads as any other
+    assert torch.allclose(load_method(tmp_path / "default", device="cpu").predict(images)[0], scores["default"],
+                          rtol=1e-3, atol=1e-4)
