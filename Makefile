@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-run: setup  ## the main job: datasets -> models -> evaluation -> report, through DVC
-	$(BIN)/dvc repro
+run: setup  ## the main job: datasets -> models -> evaluation -> report, through DVC (its stages' adpipe calls warm)
+	$(BIN)/adpipe warm -- $(BIN)/dvc repro
 	@echo "report: $(CURDIR)/data/reports/report.html"
 
 test: setup  ## one worker per core, the slow real-data tests first

@@ -5,6 +5,7 @@
     adpipe materialize --select dataset,defect_bank --category synthetic/fabric
     adpipe materialize --select model,evaluation --method pfm --category synthetic/fabric
     adpipe partitions                                    # what params.yaml defines
+    adpipe warm -- dvc repro                             # every adpipe call of the command skips the imports
     adpipe instance                                      # prepare the run history `dagster dev` shows
     adpipe worker --queue gpu                            # a celery worker (execution.executor: celery)
     adpipe ingest                                        # take new good images from the inboxes now
@@ -190,6 +191,12 @@ def worker(queue: str, name: str | None, concurrency: int, params_file: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["warm"]:  # under `adpipe warm`, the warm server runs the command (pipelines/warm.py)
+        from pipelines.warm import forward
+        code = forward(argv)
+        if code is not None:
+            return code
     parser = argparse.ArgumentParser(prog="adpipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", help="params.yaml to use (default: $ADPIPE_PARAMS or ./params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("--method", action="append", help="a method partition (repeatable)")
     mat.add_argument("--device", default="", help="torch device override: cpu, cuda, cuda:1, auto")
     sub.add_parser("partitions", help="print the category and method partitions")
+    wrm = sub.add_parser("warm", help="run a command (e.g. dvc repro) with a warm server behind its adpipe calls")
+    wrm.add_argument("run", nargs=argparse.REMAINDER, help="the command, after --")
     sub.add_parser("instance", help="prepare the run history (DAGSTER_HOME) that `dagster dev` opens; print its path")
     wrk = sub.add_parser("worker", help="a celery worker for params.yaml's execution.celery broker")
     wrk.add_argument("--queue", required=True, choices=["gpu", "cpu"], help="gpu: training, evaluation, deployment")
@@ -228,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print("categories:", " ".join(params.categories))
         print("methods:", " ".join(params.methods))
         return 0
+    if args.command == "warm":
+        from pipelines.warm import warm
+        return warm(args.run[1:] if args.run[:1] == ["--"] else args.run)
     if args.command == "instance":
         from pipelines.instance import dagster_home, get_instance, reclaim_dead_runs
         from pipelines.params import load_params
