@@ -136,7 +136,8 @@ def bench_method(method: str, args, train: ImageDataset, device: torch.device) -
                    compile=args.compile)
     first = train_once(method, {**base, **short}, train, device, compile=args.compile)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    row = {"method": method, "budget": args.budget, "compile": args.compile, "image_size": first["model"].config.image_size,
+    row = {"method": method, "budget": args.budget, "compile": args.compile,
+           "image_size": first["model"].config.image_size,
            "batch_size": getattr(first["model"].config, "batch_size", None), "train_images": len(train),
            "loops": {}, "inference_ms_per_image": inference_ms(first["model"], device)}
     loop_seconds = 0.0

@@ -264,7 +264,8 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     from ad_models.defects.bank import BankConfig
     from ad_models.methods.base import config_from_dict
     sections = {"defect_bank": params.defect_bank,
-                **{f"budgets.{b}.{m}": options for b, entries in params.budgets.items() for m, options in entries.items()},
+                **{f"budgets.{b}.{m}": options
+                   for b, entries in params.budgets.items() for m, options in entries.items()},
                 **{f"method_config.{m}": options for m, options in params.method_config.items()}}
     for where, section in sections.items():
         # a category left out of this run may keep its entry; a misspelt one would silently do nothing
@@ -276,7 +277,8 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
             BankConfig.from_dict(params.bank_config(category))
         except (TypeError, ValueError) as e:
             raise ParamsError(f"{path}: defect_bank for {category}: {e}") from e
-        for method, budget in itertools.product(methods, [params.budget, *sorted(set(params.budgets) - {params.budget})]):
+        others = sorted(set(params.budgets) - {params.budget})
+        for method, budget in itertools.product(methods, [params.budget, *others]):
             try:  # every budget, so switching to another one cannot fail mid-run either
                 config_from_dict(METHODS[method].Config,
                                  dataclasses.replace(params, budget=budget).method_options(method, category))

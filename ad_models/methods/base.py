@@ -279,6 +279,18 @@ class CheckpointSelection:
         return {"checkpoint_selection": self.history, "selected_epoch": chosen["epoch"] if chosen else last_epoch}
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, schedule=None) -> None:
+    """One training update: gradients of `loss`, the optimizer's step, then the lr schedule's;
+    marked as the step's "backward" and "optimizer" parts."""
+    with step_phase("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with step_phase("optimizer"):
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+
+
 def images_in_memory(dataset: Dataset, resize) -> torch.Tensor:
     """Every image of `dataset`, passed through `resize`, as one uint8 CPU tensor [N, 3, H, W]:
     decoded once for all epochs, 4x smaller than float."""

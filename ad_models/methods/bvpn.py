@@ -96,8 +96,9 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, BackboneWeightsError, FeatureExtractor, first_available_network
 from ad_models.defects import DefectSynthesizer, color_jitter
-from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast, images_in_memory,
-                                    model_input, resolve_device, seed_everything, step_phase)
+from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
+                                    images_in_memory, model_input, optimizer_step, resolve_device,
+                                    seed_everything, step_phase)
 from ad_models.methods.bvpn_logical import LogicalModule
 from ad_models.methods.losses import ssim
 
@@ -520,11 +521,7 @@ class BVPN(AnomalyMethod):
                     with autocast(self.device, cfg.amp):
                         out = teacher(self.net.normalise(x))
                     loss = F.mse_loss(out.float(), y)
-                with step_phase("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                with step_phase("optimizer"):
-                    optimizer.step()
+                optimizer_step(optimizer, loss)
                 losses.append(loss.detach())
         finally:
             teacher.requires_grad_(False).eval()
@@ -677,12 +674,7 @@ class BVPN(AnomalyMethod):
                 loss_stae = hard_feature_loss(0.5 * (a7 - s_c) ** 2 + 0.5 * (a3 - s_c) ** 2, cfg.hard_quantile)
                 similarity = ssim(t_ae, a7, cfg.ssim_window, cfg.ssim_sigma)
                 loss = loss_st + loss_ae + loss_stae - cfg.w_ssim * similarity
-            with step_phase("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            with step_phase("optimizer"):
-                optimizer.step()
-                schedule.step()
+            optimizer_step(optimizer, loss, schedule)
             running += torch.stack([loss_st, loss_ae, loss_stae, similarity]).detach().float()
             if (step + 1) % every == 0 or step + 1 == cfg.iterations:
                 with step_phase("log"):

@@ -108,7 +108,8 @@ from tqdm.auto import tqdm
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import grid_cell_sizes, grid_masks, stroke_masks
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
+                                    images_in_memory, model_input, optimizer_step, resolve_device,
+                                    seed_everything, step_phase)
 from ad_models.methods.losses import ssim
 
 FEATURE_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
@@ -372,7 +373,8 @@ class ESAD(AnomalyMethod):
         n = len(images)
         trained = [self.net.inpaint, self.net.reconstruct]
         optimizer = torch.optim.Adam([p for m in trained for p in m.parameters()], lr=cfg.lr)
-        weights = torch.tensor([cfg.w_px, cfg.w_px, cfg.w_ssim, cfg.w_ssim, cfg.w_msgms, cfg.w_feat], device=self.device)
+        weights = torch.tensor([cfg.w_px, cfg.w_px, cfg.w_ssim, cfg.w_ssim, cfg.w_msgms, cfg.w_feat],
+                               device=self.device)
         selection = CheckpointSelection(self, valid, trained, cfg.batch_size)
         history: list[list[float]] = []
         bar = tqdm(range(cfg.epochs), desc="esad: train", disable=not progress, leave=False)
@@ -399,11 +401,7 @@ class ESAD(AnomalyMethod):
                         msgms_loss(pre, x) + msgms_loss(rec, x) if cfg.w_msgms else zero,
                         feature_loss(fx, fr)])
                     weighted = weights * losses
-                with step_phase("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    weighted.sum().backward()
-                with step_phase("optimizer"):
-                    optimizer.step()
+                optimizer_step(optimizer, weighted.sum())
                 totals += weighted.detach()
                 steps += 1
             with step_phase("log"):

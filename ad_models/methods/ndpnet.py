@@ -66,7 +66,8 @@ from tqdm.auto import tqdm
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectSynthesizer
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
+                                    images_in_memory, model_input, optimizer_step, resolve_device,
+                                    seed_everything, step_phase)
 
 PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
     "vgg16": {"name": "vgg16.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -271,11 +272,7 @@ def perceptual_loss(net: FeatureExtractor, a: torch.Tensor, b: torch.Tensor) -> 
 
 def optimise(optimizer: torch.optim.Optimizer, weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     """One step on the weighted sum of `losses`; returns them detached (on the device: no sync) for the log."""
-    with step_phase("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        (weights * losses.float()).sum().backward()
-    with step_phase("optimizer"):
-        optimizer.step()
+    optimizer_step(optimizer, (weights * losses.float()).sum())
     return losses.detach().float()
 
 

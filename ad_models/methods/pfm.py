@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, FeatureExtractor
-from ad_models.methods.base import (AnomalyMethod, autocast, image_batches, resolve_device,
+from ad_models.methods.base import (AnomalyMethod, autocast, image_batches, optimizer_step, resolve_device,
                                     seed_everything, step_phase)
 
 
@@ -217,11 +217,7 @@ class PFM(AnomalyMethod):
                     with step_phase("forward"), autocast(self.device, cfg.amp):
                         s_hat, t_hat = proj(fs[level], ft[level])
                         loss = F.mse_loss(s_hat.float(), fs[level]) + F.mse_loss(t_hat.float(), ft[level])
-                    with step_phase("backward"):
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    with step_phase("optimizer"):
-                        opt.step()
+                    optimizer_step(opt, loss)
                     epoch_loss[level] += loss.detach().float()
                 batches += 1
             with step_phase("log"):

@@ -78,7 +78,8 @@ from tqdm.auto import tqdm
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectMixture, color_jitter
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, resolve_device, seed_everything, step_phase)
+                                    images_in_memory, model_input, optimizer_step, resolve_device,
+                                    seed_everything, step_phase)
 
 ENCODERS = {  # name -> backbone; "auto" tries the paper's ResNet-18 first, then the offline network
     "resnet18": {"name": "resnet18.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -423,11 +424,7 @@ class SLSG(AnomalyMethod):
                     with autocast(self.device, cfg.amp):
                         rebuilt = decoder(encoder(x * (1 - hidden) + mean * hidden), x.shape[-2:]).float()
                     loss = ((rebuilt - x) ** 2 * hidden).sum() / (hidden.sum() * 3).clamp(min=1)
-                with step_phase("backward"):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                with step_phase("optimizer"):
-                    optimizer.step()
+                optimizer_step(optimizer, loss)
                 losses.append(loss.detach())
         finally:
             encoder.requires_grad_(False)
@@ -469,12 +466,7 @@ class SLSG(AnomalyMethod):
                 losses = torch.stack([focal_loss(probs, target, cfg.focal_gamma),
                                       (probs[:, 1:] - target).abs().mean(), (aux_probs[:, 1:] - target).abs().mean()])
                 weighted = losses * loss_weights
-            with step_phase("backward"):
-                optimizer.zero_grad(set_to_none=True)
-                weighted.sum().backward()
-            with step_phase("optimizer"):
-                optimizer.step()
-                schedule.step()
+            optimizer_step(optimizer, weighted.sum(), schedule)
             running += weighted.detach()
             if (step + 1) % every == 0 or step + 1 == cfg.iterations:
                 with step_phase("log"):
