@@ -11,8 +11,12 @@ DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml  ## what the pipeline needs; the test tools come with `make test`
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
@@ -20,7 +24,7 @@ run: setup  ## the main job: datasets -> models -> evaluation -> report, through
 	$(BIN)/adpipe warm -- $(BIN)/dvc repro
 	@echo "report: $(CURDIR)/data/reports/report.html"
 
-test: setup  ## one worker per core, the slow real-data tests first
+test: $(VENV)/.installed-test  ## one worker per core, the slow real-data tests first
 	$(BIN)/python -m pytest -q -n auto --dist load
 
 bench: setup
