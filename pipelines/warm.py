@@ -82,6 +82,7 @@ def _run_request(request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ.pop(ENV, None)  # this process runs the command; it must not forward it again
+    sys.argv = ["adpipe", *request["argv"]]
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 1
