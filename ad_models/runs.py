@@ -74,8 +74,8 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
-    log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts, provenance=model.provenance,
-               training_data_version=training_data_version(dataset_dir))
+    log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts,
+               provenance=model.provenance, training_data_version=training_data_version(dataset_dir))
     calibration = None
     if can_select_on(valid_set):
         calibration = calibrate(model, valid_set, batch_size, progress)
@@ -242,8 +242,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
         result.update(thresholded_metrics(labels, scores, pred["masks"], pred["maps"], read_json(calibration_file)))
     training_log = read_json(Path(model_dir) / "training_log.json")
     result.update(
-        method=model.name, budget=model.budget, image_size=size, n_test=int(len(labels)), n_good=int((labels == 0).sum()),
-        n_defective=int((labels == 1).sum()), image_auroc_per_defect_type=per_defect,
+        method=model.name, budget=model.budget, image_size=size, n_test=int(len(labels)),
+        n_good=int((labels == 0).sum()), n_defective=int((labels == 1).sum()), image_auroc_per_defect_type=per_defect,
         train_seconds=float(training_log.get("train_seconds", float("nan"))),
         inference_ms_per_image=1000 * pred["seconds_per_image"], device=str(model.device))
 

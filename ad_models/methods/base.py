@@ -355,7 +355,8 @@ def clock_steps() -> Iterator[StepClock]:
 
 def _synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+        for index in range(torch.cuda.device_count()):  # the step may run on any of them (cuda:N)
+            torch.cuda.synchronize(index)
 
 
 @contextlib.contextmanager

@@ -500,7 +500,7 @@ class BVPN(AnomalyMethod):
                 views = [self._distill_augment(self._float(b), generator, anomalies)
                          for _ in range(cfg.distill_views) for b in images.split(16)]
                 views = (TrainingImages(torch.cat([(v * 255).round().to(torch.uint8).cpu() for v in views]),
-                                        self.device).data,
+                                        self.device),
                          torch.cat([((target(v.float()) - mean) / std).half() for v in views]))
         teacher = self.net.teacher.requires_grad_(True).train()
         optimizer = torch.optim.Adam(teacher.parameters(), lr=cfg.distill_lr, weight_decay=1e-5)
@@ -515,8 +515,7 @@ class BVPN(AnomalyMethod):
                         y = (target(x) - mean) / std
                     else:
                         idx = torch.randint(len(views[0]), (cfg.distill_batch_size,), generator=generator)
-                        on = views[0].device
-                        x, y = self._float(views[0][idx.to(on)]), views[1][idx.to(on)].to(self.device).float()
+                        x, y = views[0].batch(idx), views[1][idx.to(views[1].device)].float()
                 with step_phase("forward"):
                     with autocast(self.device, cfg.amp):
                         out = teacher(self.net.normalise(x))

@@ -307,7 +307,8 @@ class NDPNet(AnomalyMethod):
         return model_input(images, self.config.image_size, self.device)
 
     def _reference_features(self) -> list[torch.Tensor]:
-        """The references' layer 1-5 features (only 3-5 are used: the RBAM layers) and their keys."""
+        """The references' features at the RBAM layers 3-5 (None at 1-2, which are not repaired);
+        also their keys for the nearest-reference lookup (pooled layer 5)."""
         if self._ref_features is None:  # the encoder is frozen from phase 2 on: compute once
             with torch.no_grad():
                 chunks = [self.net.encoder(chunk) for chunk in self.net.reference.split(8)]

@@ -208,9 +208,9 @@ class PFM(AnomalyMethod):
             epoch_loss, batches = torch.zeros(len(optimizers), device=self.device), 0  # summed on the device
             for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
                 with step_phase("data"):
-                    if cached:
-                        on = fs_all[0].device
-                        fs, ft = [f[idx.to(on)] for f in fs_all], [f[idx.to(on)] for f in ft_all]
+                    if cached:  # the cache lives on the device: index it there
+                        idx = idx.to(self.device)
+                        fs, ft = [f[idx] for f in fs_all], [f[idx] for f in ft_all]
                     else:
                         fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
                 for level, (proj, opt) in enumerate(zip(self.net.projectors, optimizers)):
