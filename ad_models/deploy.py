@@ -15,8 +15,8 @@ Deployment folder (one per method, dataset and category, e.g. data/deployed/<met
 A candidate id is a hash of the model's content (method, config, weight tensors), so re-offering the
 model that is already deployed is recognised ("unchanged") and changes nothing but the history.
 
-The thresholds a deployed model predicts with are set on good images only (`good_threshold`), so
-deployment needs no real defect image.
+The thresholds a deployed model predicts with are set by the decision policy (`thresholds`; by
+default on good images only), so deployment needs no real defect image.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import json
 import math
 import os
 import shutil
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from ad_models.data.loading import ImageDataset
 from ad_models.defects.bank import read_bank
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import load_method
+from ad_models.thresholds import DecisionPolicy, ScoreSample, choose_thresholds
 
 CURRENT = "current"
 REJECTED = "rejected"
@@ -86,18 +87,23 @@ def validation_sets(bank_dir: str | os.PathLike | None, dataset_dir: str | os.Pa
 
 def score_model(model_dir: str | os.PathLike, sets: dict[str, ImageDataset], device: str = "auto",
                 batch_size: int = 8) -> dict[str, Any]:
-    """Score a saved model on each set of `validation_sets`.
+    """`score_sets` for a saved model."""
+    return score_sets(load_method(model_dir, device), sets, batch_size)
 
-    Returns {"metrics": {set: {n_good, n_defective, image_auroc?, pixel_auroc?}}, "good_scores":
-    image scores of all good images, "good_pixels": a subsample of their map values}. AUROCs are
-    present only where defined: image AUROC needs good and defective images, pixel AUROC defective
-    images with masks (pixels of defective images without a mask are left out, not counted as good).
-    A model whose scores or maps contain NaN gets NaN metrics (never an error): it is worse.
+
+def score_sets(model, sets: dict[str, ImageDataset], batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Score a loaded model on each set of `validation_sets`.
+
+    Returns {"metrics": {set: {n_good, n_defective, image_auroc?, pixel_auroc?}}, "sample": the
+    scores and map values of all sets as one `thresholds.ScoreSample`}. AUROCs are present only where
+    defined: image AUROC needs good and defective images, pixel AUROC defective images with masks
+    (pixels of defective images without a mask are left out, not counted as good). A model whose
+    scores or maps contain NaN gets NaN metrics (never an error): it is worse.
     """
-    model = load_method(model_dir, device)
-    out: dict[str, Any] = {"metrics": {}, "good_scores": [], "good_pixels": []}
+    out: dict[str, Any] = {"metrics": {}}
+    samples = []
     for name, data in sets.items():
-        pred = model.predict_dataset(data, batch_size, progress=False, desc=f"{model.name}: {name}")
+        pred = model.predict_dataset(data, batch_size, progress=progress, desc=f"{model.name}: {name}")
         labels, scores, maps, masks = pred["labels"], pred["scores"], pred["maps"], pred["masks"]
         good = labels == 0
         entry: dict[str, Any] = {"n_good": int(good.sum()), "n_defective": int((~good).sum())}
@@ -109,51 +115,9 @@ def score_model(model_dir: str | os.PathLike, sets: dict[str, ImageDataset], dev
             entry["pixel_auroc"] = (metrics.pixel_auroc(masks[known], maps[known]) if np.isfinite(maps[known]).all()
                                     else float("nan"))
         out["metrics"][name] = entry
-        step = max(1, maps.shape[-1] // 128)  # about 128 x 128 pixels per image is plenty for a quantile
-        out["good_scores"].append(scores[good])
-        out["good_pixels"].append(maps[good][:, ::step, ::step].ravel())
-    out["good_scores"] = np.concatenate(out["good_scores"]).astype(np.float64)
-    out["good_pixels"] = np.concatenate(out["good_pixels"]).astype(np.float64)
+        samples.append(ScoreSample.from_predictions(pred, known))
+    out["sample"] = ScoreSample.concat(samples)
     return out
-
-
-# ----------------------------------------------------------------------------- thresholds
-
-def good_threshold(good_scores, quantile: float = 0.99) -> tuple[float, int]:
-    """(threshold, number of values used): the score a good image exceeds with probability about
-    1 - `quantile`, estimated from good images only. Predict "fail" where a value exceeds it.
-
-    Why good images only: it needs no defect image at all, real or synthetic, so it can be set the
-    day a line starts, and it fixes the share of good parts that fail rather than tuning F1 on
-    synthetic defects that may not look like the real ones.
-
-    The estimate is the empirical quantile (linear interpolation) when there are enough values to
-    see that tail (at least 10 / (1 - quantile): 1000 for 0.99; always so for pixels). With fewer
-    it is the larger of the empirical quantile and a normal fit's (mean + z_quantile * std): with
-    the ~10 good images of a bank the empirical 0.99 quantile sits just under their maximum, and
-    max-over-pixels scores have a heavy upper tail, so about a third of unseen good images failed
-    in a test; the normal fit extrapolates past the largest score seen (mean + 2.33 std at 0.99)."""
-    values = np.asarray(good_scores, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("no good-image scores: a threshold needs at least one good image")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{int((~np.isfinite(values)).sum())} good-image score(s) are NaN or infinite")
-    if not 0 < quantile <= 1:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    threshold = float(np.quantile(values, quantile, method="linear"))
-    if 1 < values.size < 10 / (1 - quantile):  # too few values to see the tail (quantile 1: never)
-        threshold = max(threshold, float(values.mean() + NormalDist().inv_cdf(quantile) * values.std(ddof=1)))
-    return threshold, int(values.size)
-
-
-def thresholds(scored: dict[str, Any], image_quantile: float = 0.99, pixel_quantile: float = 0.999) -> dict[str, Any]:
-    """The image and pixel thresholds of a `score_model` result, and the colour scale of its maps
-    (`map_low`, the good pixels' median, is blue; the pixel threshold sits mid-scale)."""
-    image, n_images = good_threshold(scored["good_scores"], image_quantile)
-    pixel, n_pixels = good_threshold(scored["good_pixels"], pixel_quantile)
-    return {"image": image, "image_quantile": image_quantile, "n_good_images": n_images,
-            "pixel": pixel, "pixel_quantile": pixel_quantile, "n_good_pixels": n_pixels,
-            "map_low": float(np.median(scored["good_pixels"]))}
 
 
 # ----------------------------------------------------------------------------- the decision
@@ -301,8 +265,8 @@ def _now() -> str:
 
 def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
             bank_dir: str | os.PathLike | None, dataset_dir: str | os.PathLike | None,
-            tolerance: float = 0.01, device: str = "auto", good_quantile: float = 0.99,
-            batch_size: int = 8, pixel_quantile: float = 0.999) -> dict[str, Any]:
+            tolerance: float = 0.01, device: str = "auto", policy: DecisionPolicy | None = None,
+            batch_size: int = 8) -> dict[str, Any]:
     """Offer the trained model in `candidate_dir` for deployment; return the decision record.
 
     Scores the candidate and the deployed model on the same current `validation_sets`, `decide`s,
@@ -314,7 +278,7 @@ def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
     The record: candidate_id, candidate_dir, method, decision (first/deployed/rejected/unchanged),
     accepted, reasons, tolerance, decided_at (UTC), previous_id (the model deployed before),
     candidate_metrics and deployed_metrics ({set: {...}}, see `score_model`) and threshold (the
-    candidate's good-image thresholds, see `thresholds`).
+    candidate's thresholds under `policy`, default `DecisionPolicy()`: see `thresholds.choose_thresholds`).
     """
     candidate_dir, deploy_dir = Path(candidate_dir).absolute(), Path(deploy_dir)
     cid = candidate_id(candidate_dir)
@@ -327,10 +291,20 @@ def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
         "candidate_id": cid, "candidate_dir": str(candidate_dir), "method": saved["method"], "tolerance": tolerance,
         "previous_id": deployed["candidate_id"] if deployed else None}
 
+    policy = policy or DecisionPolicy()
     if deployed is not None and deployed["candidate_id"] == cid:
-        record.update(decision="unchanged", accepted=True, decided_at=_now(),
-                      reasons=[f"candidate {cid} is the deployed model"],
-                      candidate_metrics=None, deployed_metrics=None, threshold=None)
+        reasons, threshold = [f"candidate {cid} is the deployed model"], None
+        if (deployed.get("threshold") or {}).get("policy") != asdict(policy):
+            # a new decision policy applies to the deployed model at once, without retraining it
+            sets = validation_sets(bank_dir, dataset_dir, int(saved["config"]["image_size"]))
+            sample = score_model(deployed["model_dir"], sets, device, batch_size)["sample"]
+            if sample.finite():
+                threshold = choose_thresholds(policy, sample, saved["method"])
+                info_file = Path(deployed["model_dir"]) / DEPLOYMENT
+                write_json(info_file, {**read_json(info_file), "threshold": threshold})
+                reasons.append(f"the decision policy changed: thresholds set again ({policy.describe()})")
+        record.update(decision="unchanged", accepted=True, decided_at=_now(), reasons=reasons,
+                      candidate_metrics=None, deployed_metrics=None, threshold=threshold)
         _append_history(deploy_dir, record)
         return record
 
@@ -343,8 +317,8 @@ def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
     old = score_model(deployed["model_dir"], sets, device, batch_size)["metrics"] if deployed else None
     verdict = decide(scored["metrics"], old, tolerance)
     threshold = None
-    if np.isfinite(scored["good_scores"]).all() and np.isfinite(scored["good_pixels"]).all():
-        threshold = thresholds(scored, good_quantile, pixel_quantile)
+    if scored["sample"].finite():
+        threshold = choose_thresholds(policy, scored["sample"], saved["method"])
     elif verdict["accepted"]:  # whatever the metrics say, a model without a threshold cannot predict
         verdict = {"decision": "rejected", "accepted": False,
                    "reasons": verdict["reasons"] + ["candidate's good-image scores or maps contain NaN or inf"]}

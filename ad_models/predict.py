@@ -8,7 +8,7 @@ exceeds the pixel threshold), both at the image's own size, and `predictions.csv
 threshold, verdict, map, mask). `<name>` is the file's stem, or, where two inputs share a stem,
 its path below their common folder with "/" as "_" (test/crack/000.png -> crack_000).
 
-The thresholds are the deployment's, set on good images only (`deploy.good_threshold`). Every
+The thresholds are the deployment's, set by the decision policy (`thresholds`). Every
 file is written to a temporary name and renamed, so an interrupted run leaves no half file; files
 in `out/` that this run does not write are left alone.
 """
@@ -28,6 +28,7 @@ from ad_models.deploy import DECISION, DEPLOYMENT, deployed_info
 from ad_models.io import read_json, write_bytes, write_text
 from ad_models.methods import load_method
 from ad_models.runs import colourise
+from ad_models.thresholds import fails
 
 PREDICTIONS = "predictions.csv"
 
@@ -79,7 +80,8 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
     `model_and_thresholds`); write maps, masks and predictions.csv into `out_dir`; return the table.
 
     Images are resized to the model's input size exactly as in training (`resize_rgb`); a score
-    above the image threshold is "fail", else "pass". A missing or undecodable file is an error
+    at or above the image threshold is "fail", else "pass" (`thresholds.fails`); the mask is where the
+    map is at or above the pixel threshold. A missing or undecodable file is an error
     naming it (missing files are found before anything is computed).
     """
     if isinstance(image_paths, (str, os.PathLike)):  # one path, not a list of its characters
@@ -112,9 +114,9 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
             amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
             overlay = (0.5 * image + 0.5 * colourise(amap, lo, hi)).astype(np.uint8)
             _write_png(out_dir / f"{name}_map.png", overlay)
-            _write_png(out_dir / f"{name}_mask.png", (amap > pixel).astype(np.uint8) * 255)
+            _write_png(out_dir / f"{name}_mask.png", fails(amap, pixel).astype(np.uint8) * 255)
             rows.append({"image": str(path), "score": float(score), "threshold": float(threshold["image"]),
-                         "verdict": "pass" if score <= threshold["image"] else "fail",  # NaN fails
+                         "verdict": "fail" if fails(score, threshold["image"]) else "pass",
                          "map": f"{name}_map.png", "mask": f"{name}_mask.png"})
     table = pd.DataFrame(rows, columns=["image", "score", "threshold", "verdict", "map", "mask"])
     write_text(out_dir / PREDICTIONS, table.to_csv(index=False, lineterminator="\n"))

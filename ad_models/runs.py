@@ -4,11 +4,13 @@ These are the library calls behind the pipeline's `model` and `evaluation` asset
 benchmarks: each reads a category folder (MVTec layout + manifest.csv) and writes one folder,
 atomically, so an interrupted run leaves the previous complete version.
 
-Model folder:      config.json, weights.pt, training_log.json, calibration.json (thresholds set on
-                   the synthetic defect bank, when there is one)
-Evaluation folder: metrics.json, scores.csv (one row per test image; a column per score part for
+Model folder:      config.json, weights.pt, training_log.json
+Evaluation folder: calibration.json (the decision policy, the thresholds it set on the defect bank and
+                   validation images, and what they promise: `thresholds.choose_thresholds`),
+                   metrics.json (with the test set's decisions at those thresholds), scores.csv (one row per test image; a column per score part for
                    methods that fuse several, e.g. BVPN's score_structural, score_logical), roc.csv (image-level ROC),
-                   gallery.png (test images, anomaly maps, ground truth), learning_curve.csv (the model's
+                   gallery.png (test images, anomaly maps, ground truth, the defect masks the model
+                   draws at its pixel threshold), learning_curve.csv (the model's
                    training loss and bank scores per epoch or iteration, copied from its training log)
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
 from ad_models.data.sources import mvtec_loco
 from ad_models.defects.bank import read_bank
+from ad_models.deploy import score_sets, validation_sets
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import create_method, load_method
-from ad_models.methods.base import can_select_on
+from ad_models.thresholds import DecisionPolicy, choose_thresholds, decisions_on
 
 CALIBRATION = "calibration.json"
 LEARNING_CURVE = "learning_curve.csv"  # in the evaluation folder: the model's training, for the report
@@ -46,14 +49,14 @@ def split_counts(manifest: pd.DataFrame) -> dict[str, int]:
 
 def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
           *, bank_dir: str | os.PathLike | None = None, device: str = "auto", progress: bool = True,
-          batch_size: int = 8, budget: str | None = None, compile: str | None = None) -> dict[str, Any]:
+          budget: str | None = None, compile: str | None = None) -> dict[str, Any]:
     """Fit `method` on train/good of `dataset_dir`; save model + training log into `out_dir`.
     `budget` names the settings `config` came from (params.yaml's budgets); it is recorded.
     `compile`: a torch.compile mode for the networks ("default", "reduce-overhead", ...), None: eager.
 
-    With a defect bank (`bank_dir`), its held-out images are left out of training, the bank (plus
-    any validation/good images) is the validation data a method may select checkpoints on, and
-    the saved model gets thresholds calibrated on it (`calibration.json`).
+    With a defect bank (`bank_dir`), its held-out images are left out of training and the bank (plus
+    any validation/good images) is the validation data a method may select checkpoints on.
+    Thresholds are set later, by `evaluate` and deployment, so a new decision policy needs no retraining.
     """
     manifest = read_manifest(dataset_dir)
     model = create_method(method, config)
@@ -76,15 +79,9 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
     log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts,
                provenance=model.provenance, training_data_version=training_data_version(dataset_dir))
-    calibration = None
-    if can_select_on(valid_set):
-        calibration = calibrate(model, valid_set, batch_size, progress)
-        log["calibration"] = calibration
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
         write_json(tmp / "training_log.json", log)
-        if calibration is not None:
-            write_json(tmp / CALIBRATION, calibration)
     return log
 
 
@@ -125,43 +122,6 @@ def learning_curve(log: dict[str, Any]) -> pd.DataFrame:
     return curve
 
 
-def calibrate(model, valid: ImageDataset, batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
-    """Image and pixel thresholds that maximise F1 on validation data with (synthetic) defects.
-
-    Predict "defective" where score >= threshold. Also records how the model ranks the bank
-    (image/pixel AUROC), the figure a user sees before any real defect exists.
-    """
-    pred = model.predict_dataset(valid, batch_size, progress, desc=f"{model.name}: calibrate")
-    labels, scores, maps, masks = pred["labels"], pred["scores"], pred["maps"], pred["masks"]
-    image_f1, image_threshold = metrics.f1_max_threshold(labels, scores)
-    step = max(1, maps.shape[-1] // 128)  # about 128 x 128 pixels per image is plenty for a threshold
-    pixel_f1, pixel_threshold = metrics.f1_max_threshold(masks[:, ::step, ::step].ravel(),
-                                                         maps[:, ::step, ::step].ravel())
-    return {"image_threshold": image_threshold, "pixel_threshold": pixel_threshold,
-            "bank_image_f1": image_f1, "bank_pixel_f1": pixel_f1,
-            "bank_image_auroc": metrics.image_auroc(labels, scores),
-            "bank_pixel_auroc": metrics.pixel_auroc(masks, maps),
-            "bank_good": int((labels == 0).sum()), "bank_defective": int((labels == 1).sum())}
-
-
-def thresholded_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
-                        calibration: dict[str, Any]) -> dict[str, float]:
-    """Test-set decisions at the bank-calibrated thresholds: what a deployed model would do."""
-    predicted = scores >= calibration["image_threshold"]
-    tp = int((predicted & (labels == 1)).sum())
-    fp = int((predicted & (labels == 0)).sum())
-    positives = int((labels == 1).sum())
-    out = {"image_threshold": float(calibration["image_threshold"]),
-           "precision_at_threshold": tp / max(tp + fp, 1), "recall_at_threshold": tp / max(positives, 1),
-           "good_pass_rate_at_threshold": float((~predicted[labels == 0]).mean()) if (labels == 0).any() else float("nan")}
-    out["f1_at_threshold"] = (2 * out["precision_at_threshold"] * out["recall_at_threshold"]
-                              / max(out["precision_at_threshold"] + out["recall_at_threshold"], 1e-12))
-    pixels = maps >= calibration["pixel_threshold"]
-    inter, union = int((pixels & masks).sum()), int((pixels | masks).sum())
-    out["pixel_iou_at_threshold"] = inter / union if union else float("nan")
-    return out
-
-
 def colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """An anomaly map as RGB uint8 (JET colour map): lo and below blue, hi and above red."""
     scaled = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1)
@@ -169,15 +129,20 @@ def colourise(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def gallery_image(images: list[np.ndarray], maps: np.ndarray, masks: np.ndarray, titles: list[str],
-                  lo: float, hi: float, tile: int = 128) -> np.ndarray:
-    """RGB grid: one column per image; rows = image, map overlaid on image, ground-truth mask."""
+                  lo: float, hi: float, tile: int = 128, pixel_threshold: float | None = None) -> np.ndarray:
+    """RGB grid: one column per image; rows = image, map overlaid on image, ground-truth mask and,
+    with a `pixel_threshold`, the defect mask a deployed model draws (map >= threshold)."""
+    def grey(mask: np.ndarray) -> np.ndarray:
+        resized = cv2.resize(mask.astype(np.uint8) * 255, (tile, tile), interpolation=cv2.INTER_NEAREST)
+        return np.repeat(resized[..., None], 3, 2)
+
     columns = []
     for image, amap, mask, title in zip(images, maps, masks, titles):
         image = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
         heat = cv2.resize(colourise(amap, lo, hi), (tile, tile), interpolation=cv2.INTER_LINEAR)
         overlay = (0.5 * image + 0.5 * heat).astype(np.uint8)
-        gt = cv2.resize(mask.astype(np.uint8) * 255, (tile, tile), interpolation=cv2.INTER_NEAREST)
-        column = np.concatenate([image, overlay, np.repeat(gt[..., None], 3, 2)], 0)
+        rows = [image, overlay, grey(mask)] + ([grey(amap >= pixel_threshold)] if pixel_threshold is not None else [])
+        column = np.concatenate(rows, 0)
         cv2.putText(column, title[:18], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
         columns.append(np.pad(column, ((0, 0), (1, 1), (0, 0)), constant_values=255))
     return np.concatenate(columns, 1)
@@ -216,9 +181,14 @@ def per_defect_type(labels: np.ndarray, scores: np.ndarray, defect_types: list[s
 
 
 def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
-             *, device: str = "auto", batch_size: int = 8, gallery_size: int = 6,
+             *, bank_dir: str | os.PathLike | None = None, policy: DecisionPolicy | None = None,
+             device: str = "auto", batch_size: int = 8, gallery_size: int = 6,
              progress: bool = True) -> dict[str, Any]:
-    """Score the test split with the saved model; write metrics, scores, ROC and a gallery."""
+    """Score the test split with the saved model; write metrics, scores, ROC and a gallery.
+
+    With validation data (the defect bank `bank_dir`, the dataset's validation images) the model's
+    thresholds are set there by `policy` (default `DecisionPolicy()`), exactly as deployment sets
+    them, and the test set is decided at them: what the line would see."""
     model = load_method(model_dir, device)
     manifest = read_manifest(dataset_dir)
     test_rows = manifest[manifest.split == "test"].reset_index(drop=True)
@@ -237,9 +207,15 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
             name: per_defect_type(labels, v, pred["defect_types"]) for name, v in parts.items()}
     if (Path(dataset_dir) / mvtec_loco.DEFECTS_CONFIG).is_file():
         result.update(_loco_metrics(dataset_dir, test_rows, pred, size))
-    calibration_file = Path(model_dir) / CALIBRATION
-    if calibration_file.is_file():
-        result.update(thresholded_metrics(labels, scores, pred["masks"], pred["maps"], read_json(calibration_file)))
+    calibration = None
+    if bank_dir is not None or (manifest.split == "validation").any():
+        scored = score_sets(model, validation_sets(bank_dir, dataset_dir, size), batch_size, progress)
+        calibration = choose_thresholds(policy or DecisionPolicy(), scored["sample"], model.name)
+        calibration["validation_sets"] = scored["metrics"]
+        result.update(decisions_on(labels, scores, pred["masks"], pred["maps"], calibration))
+        result.update({k: calibration[k] for k in ("bank_recall", "bank_image_auroc", "bank_pixel_auroc")
+                       if k in calibration})
+        result["decision_policy"] = calibration["policy_text"]
     training_log = read_json(Path(model_dir) / "training_log.json")
     result.update(
         method=model.name, budget=model.budget, image_size=size, n_test=int(len(labels)),
@@ -252,12 +228,15 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     picks = _gallery_indices(labels, scores, pred["defect_types"], gallery_size)
     images = [cv2.cvtColor(cv2.imread(test_rows.path[i]), cv2.COLOR_BGR2RGB) for i in picks]
     titles = [f"{pred['defect_types'][i]} {scores[i]:.3g}" for i in picks]
-    gallery = gallery_image(images, maps[picks], pred["masks"][picks], titles, lo, hi)
+    gallery = gallery_image(images, maps[picks], pred["masks"][picks], titles, lo, hi,
+                            pixel_threshold=calibration["pixel"] if calibration else None)
 
     fpr, tpr = metrics.roc_points(labels, scores)
     root = Path(dataset_dir).absolute()
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "metrics.json", result)
+        if calibration is not None:
+            write_json(tmp / CALIBRATION, calibration)
         pd.DataFrame({"path": [Path(p).relative_to(root).as_posix() for p in pred["paths"]],
                       "defect_type": pred["defect_types"], "label": labels, "score": scores,
                       **{f"score_{name}": v for name, v in parts.items()}}

@@ -103,7 +103,8 @@ def main() -> None:
                 eval_dir = RESULTS / "eval" / method / source / category
                 log = runs.train(method, config, dataset_dir, model_dir, bank_dir=bank_dir, device=args.device,
                                  progress=False)
-                result = runs.evaluate(model_dir, dataset_dir, eval_dir, device=args.device, progress=False)
+                result = runs.evaluate(model_dir, dataset_dir, eval_dir, bank_dir=bank_dir, device=args.device,
+                                       progress=False)
                 row = {"dataset": f"{source}/{category}", "method": method, "epochs": epochs, **result,
                        "train_seconds": log["train_seconds"],
                        "images_per_second": 1000.0 / result["inference_ms_per_image"]}

@@ -21,6 +21,7 @@ COUNTS_AS_PUBLISHED = "counts_as_published"
 BETTER_THAN_CHANCE = "better_than_chance"
 INBOX_ACCEPTED = "inbox_files_accepted"
 CANDIDATE_NOT_WORSE = "candidate_not_worse"
+FALSE_ALARMS_AS_EXPECTED = "false_alarms_as_expected"
 
 
 def dataset_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -34,7 +35,11 @@ def dataset_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
 
 def evaluation_check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     return [dg.AssetCheckSpec(BETTER_THAN_CHANCE, asset=asset,
-                              description="Image AUROC above 0.5 on the test set (warns otherwise).")]
+                              description="Image AUROC above 0.5 on the test set (warns otherwise)."),
+            dg.AssetCheckSpec(FALSE_ALARMS_AS_EXPECTED, asset=asset,
+                              description="The good test images fail at the decision threshold about as often as "
+                                          "the policy expected (warns when more fail than chance explains, "
+                                          "binomial p < 0.01).")]
 
 
 def check_dataset(folder: Path) -> dg.AssetCheckResult:
@@ -66,6 +71,17 @@ def check_evaluation(metrics: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name=BETTER_THAN_CHANCE, passed=passed,
                                severity=dg.AssetCheckSeverity.WARN,
                                metadata={"image_auroc": float("nan") if auroc is None else float(auroc)})
+
+
+def check_false_alarms(metrics: dict) -> dg.AssetCheckResult:
+    if "false_alarm_p_value" not in metrics:
+        return dg.AssetCheckResult(check_name=FALSE_ALARMS_AS_EXPECTED, passed=True,
+                                   metadata={"note": "no thresholds: no validation data to set them on"})
+    p_value = metrics["false_alarm_p_value"]
+    return dg.AssetCheckResult(
+        check_name=FALSE_ALARMS_AS_EXPECTED, passed=not p_value < 0.01, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"expected": float(metrics["expected_false_alarm_rate"]),
+                  "seen": float(metrics["false_alarm_rate_at_threshold"]), "p_value": float(p_value)})
 
 
 def inbox_check_specs(asset: str) -> list[dg.AssetCheckSpec]:

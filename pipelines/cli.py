@@ -144,6 +144,7 @@ def predict(category: str, method: str | None, images: list[str], out: str, para
     """Score images with the deployed model of (method, category); write maps and pass/fail."""
     from ad_models.deploy import deployed_info
     from ad_models.predict import predict_images
+    from ad_models.thresholds import expectation
     from pipelines.params import load_params
     params = load_params(params_file)
     _chosen(params, [category], [method] if method else None)
@@ -158,6 +159,7 @@ def predict(category: str, method: str | None, images: list[str], out: str, para
     failed = int((table.verdict == "fail").sum())
     print(f"adpipe: {method} on {category}: {len(table) - failed} pass, {failed} fail "
           f"(threshold {table.threshold.iloc[0]:.4g}); maps and predictions.csv in {out}", file=sys.stderr)
+    print(f"adpipe: {expectation(deployed_info(folder)['threshold'])}", file=sys.stderr)
     for row in table.itertuples():
         print(f"{row.verdict}\t{row.score:.6g}\t{row.image}")
     return 0

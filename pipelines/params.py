@@ -17,13 +17,12 @@ import yaml
 PARAMS_ENV = "ADPIPE_PARAMS"  # path of params.yaml; default: ./params.yaml
 PATH_OPTIONS = ("source_dir", "raw_dir", "archive", "good_dir", "defective_dir", "mask_dir")
 KNOWN_KEYS = {"seed", "device", "data_root", "datasets", "categories", "methods", "budget", "budgets",
-              "method_config", "evaluation",
+              "method_config", "evaluation", "decision",
               "defect_bank", "ingest", "retraining", "execution"}
 RETRAINING_DEFAULTS = {
     "cron": "0 2 * * *",  # the schedule that retrains models whose training images changed: nightly, 02:00
     "timezone": "UTC",
     "tolerance": 0.01,  # a candidate may score this much below the deployed model and still replace it
-    "good_quantile": 0.99,  # predict's image threshold: the share of good images that should pass
     "inbox_poll_seconds": 30,  # how often the sensor looks at the inboxes
 }
 
@@ -61,6 +60,7 @@ class Params:
     budgets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # name -> method -> options
     method_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # the user's, over the budget's
     evaluation: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)  # DecisionPolicy options + per_category overrides
     defect_bank: dict[str, Any] = field(default_factory=dict)  # BankConfig options + per_category overrides
     ingest: dict[str, Any] = field(default_factory=dict)  # IngestRules options for new good images
     retraining: dict[str, Any] = field(default_factory=lambda: dict(RETRAINING_DEFAULTS))
@@ -79,6 +79,14 @@ class Params:
         options.update((self.defect_bank.get("per_category") or {}).get(category) or {})
         options.setdefault("seed", self.seed)
         return options
+
+    def decision_policy(self, category: str):
+        """How a category's models decide pass/fail (`thresholds.DecisionPolicy`): the `decision`
+        options, then its `per_category` entry."""
+        from ad_models.thresholds import DecisionPolicy
+        options = {k: v for k, v in self.decision.items() if k != "per_category"}
+        options.update((self.decision.get("per_category") or {}).get(category) or {})
+        return DecisionPolicy.from_dict(options)
 
     def method_options(self, method: str, category: str) -> dict[str, Any]:
         """A method's config for a category, over its defaults (the paper's settings): the chosen
@@ -150,13 +158,16 @@ class Params:
 
 
 def _check_retraining(path: Path, retraining: dict[str, Any]) -> None:
+    if "good_quantile" in retraining:
+        raise ParamsError(f"{path}: retraining.good_quantile is now decision.max_false_alarm_rate "
+                          f"(1 - good_quantile: 0.99 -> 0.01), which evaluation and the report use too")
     unknown = sorted(set(retraining) - set(RETRAINING_DEFAULTS))
     if unknown:
         raise ParamsError(f"{path}: retraining: unknown keys {unknown}; known: {sorted(RETRAINING_DEFAULTS)}")
     from dagster._utils.schedules import is_valid_cron_string  # dagster's own check of the schedule
     if not isinstance(retraining["cron"], str) or not is_valid_cron_string(retraining["cron"]):
         raise ParamsError(f"{path}: retraining.cron: {retraining['cron']!r} is not a cron string such as '0 2 * * *'")
-    for key, low, high in (("tolerance", 0, 1), ("good_quantile", 0, 1), ("inbox_poll_seconds", 1, 86400)):
+    for key, low, high in (("tolerance", 0, 1), ("inbox_poll_seconds", 1, 86400)):
         value = retraining[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise ParamsError(f"{path}: retraining.{key} must be a number in [{low}, {high}], got {value!r}")
@@ -251,6 +262,7 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
                     data_root=Path(), datasets=datasets, categories=categories, methods=methods,
                     budget=str(raw.get("budget", PAPER_BUDGET)), budgets=raw.get("budgets") or {},
                     method_config=raw.get("method_config") or {}, evaluation=raw.get("evaluation") or {},
+                    decision=raw.get("decision") or {},
                     defect_bank=raw.get("defect_bank") or {}, ingest=raw.get("ingest") or {},
                     retraining={**RETRAINING_DEFAULTS, **(raw.get("retraining") or {})},
                     execution={**EXECUTION_DEFAULTS, **(raw.get("execution") or {})})
@@ -263,7 +275,7 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
         raise ParamsError(f"{path}: ingest: {e}") from e
     from ad_models.defects.bank import BankConfig
     from ad_models.methods.base import config_from_dict
-    sections = {"defect_bank": params.defect_bank,
+    sections = {"defect_bank": params.defect_bank, "decision": params.decision,
                 **{f"budgets.{b}.{m}": options
                    for b, entries in params.budgets.items() for m, options in entries.items()},
                 **{f"method_config.{m}": options for m, options in params.method_config.items()}}
@@ -277,6 +289,10 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
             BankConfig.from_dict(params.bank_config(category))
         except (TypeError, ValueError) as e:
             raise ParamsError(f"{path}: defect_bank for {category}: {e}") from e
+        try:
+            params.decision_policy(category)
+        except (TypeError, ValueError) as e:
+            raise ParamsError(f"{path}: decision for {category}: {e}") from e
         others = sorted(set(params.budgets) - {params.budget})
         for method, budget in itertools.product(methods, [params.budget, *others]):
             try:  # every budget, so switching to another one cannot fail mid-run either

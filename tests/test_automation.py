@@ -24,7 +24,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("automation")
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump({**TINY, "methods": ["mean_image"], "ingest": {"min_age_seconds": 0},
-                                    "retraining": {"cron": "30 3 * * *", "tolerance": 0.05}}))
+                                    "retraining": {"cron": "30 3 * * *", "tolerance": 0.05},
+                                    # a few good images cannot show a 1 % tail: the threshold would pass everything
+                                    "decision": {"max_false_alarm_rate": 0.1}}))
     params = load_params(path)
     defs = build_definitions(params, device="cpu", progress=False)
     instance = dg.DagsterInstance.ephemeral()
@@ -175,6 +177,9 @@ def test_cli_ingests_retrains_and_predicts_with_the_deployed_model(trained, tmp_
     images = sorted((params.dataset_dir(CIRCUIT) / "test").rglob("*.png"))
     out = tmp_path / "predictions"
     assert main(flags + ["predict", "--category", CIRCUIT, "--out", str(out)] + [str(p) for p in images]) == 0
+    err = capsys.readouterr().err  # what the line should expect, stated with the verdicts
+    assert "policy: at most 10.00% of good parts fail" in err and "expected false alarms:" in err
+    assert "artificial defects caught on the bank:" in err
     table = pd.read_csv(out / "predictions.csv")
     assert len(table) == len(images) and set(table.verdict) <= {"pass", "fail"}
     defective = table.image.str.contains("/test/(?!good)", regex=True)

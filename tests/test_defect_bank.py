@@ -8,6 +8,7 @@ import pytest
 from ad_models import runs
 from ad_models.data.sources import prepare_category
 from ad_models.defects.bank import BankConfig, build_bank, holdout_paths, read_bank
+from ad_models.thresholds import DecisionPolicy
 
 
 def test_holdout_is_stable_when_new_images_arrive():
@@ -64,19 +65,28 @@ def test_bank_is_deterministic(category, tmp_path):
         not np.array_equal(cv2.imread(a), cv2.imread(b)) for a, b in zip(first.path, other.path))
 
 
-def test_training_leaves_the_bank_out_and_calibrates_on_it(category, tmp_path):
+def test_training_leaves_the_bank_out_and_evaluation_sets_thresholds_on_it(category, tmp_path):
     build_bank(category, tmp_path / "bank", {"image_size": 64, "min_holdout": 3}, progress=False)
     log = runs.train("mean_image", {"image_size": 64}, category, tmp_path / "model", bank_dir=tmp_path / "bank",
                      device="cpu", progress=False)
     assert log["counts"]["train"] == 9 and log["counts"]["held_out_for_bank"] == 3
     assert log["train_images"] == 9
-    calibration = json.loads((tmp_path / "model" / "calibration.json").read_text())
-    assert calibration["bank_good"] == 3 and calibration["bank_defective"] == 6
-    assert 0 < calibration["bank_image_f1"] <= 1 and calibration["image_threshold"] > 0
-    result = runs.evaluate(tmp_path / "model", category, tmp_path / "eval", device="cpu", progress=False)
-    assert result["image_threshold"] == calibration["image_threshold"]
-    for key in ("precision_at_threshold", "recall_at_threshold", "f1_at_threshold", "good_pass_rate_at_threshold"):
+    assert not (tmp_path / "model" / "calibration.json").exists()  # thresholds are not the model's: no retraining
+    result = runs.evaluate(tmp_path / "model", category, tmp_path / "eval", bank_dir=tmp_path / "bank",
+                           policy=DecisionPolicy(policy="bank_f1"), device="cpu", progress=False)
+    calibration = json.loads((tmp_path / "eval" / "calibration.json").read_text())
+    assert calibration["n_good_images"] == 3 and calibration["n_defective"] == 6
+    assert calibration["policy"]["policy"] == "bank_f1" and calibration["bank_f1"] == pytest.approx(calibration["bank_f1_max"])
+    assert calibration["validation_sets"]["bank"]["n_defective"] == 6
+    assert result["image_threshold"] == calibration["image"] and result["pixel_threshold"] == calibration["pixel"]
+    assert result["decision_policy"] == "best F1 on the synthetic defect bank"
+    for key in ("precision_at_threshold", "recall_at_threshold", "f1_at_threshold", "good_pass_rate_at_threshold",
+                "bank_recall"):
         assert 0 <= result[key] <= 1, key
+    # the gallery's fourth row is the mask the model draws at its pixel threshold
+    assert cv2.imread(str(tmp_path / "eval" / "gallery.png")).shape[0] == 4 * 128
+    plain = runs.evaluate(tmp_path / "model", category, tmp_path / "eval_plain", device="cpu", progress=False)
+    assert "image_threshold" not in plain and not (tmp_path / "eval_plain" / "calibration.json").exists()
 
 
 def test_a_missing_bank_is_a_clear_error(category, tmp_path):

@@ -18,8 +18,9 @@ import pytest
 
 from ad_models import deploy, runs
 from ad_models.data.layout import DatasetError, read_manifest, write_manifest
-from ad_models.deploy import decide, deployed_info, deployment_history, good_threshold, promote
+from ad_models.deploy import decide, deployed_info, deployment_history, promote
 from ad_models.predict import output_names, predict_images
+from ad_models.thresholds import DecisionPolicy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,21 +54,6 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- thresholds and decisions
-
-def test_good_threshold_is_the_quantile_extrapolated_when_too_few_images_show_it():
-    assert good_threshold([3.0, 1.0, 2.0, 5.0, 4.0], 0.5) == (3.0, 5)  # the median: both estimates agree
-    # ten values cannot show a 0.99 quantile: the normal fit (mean + 2.326 std) goes past the maximum
-    threshold, n = good_threshold(np.arange(10.0))
-    assert n == 10 and threshold == pytest.approx(4.5 + 2.3263 * np.arange(10.0).std(ddof=1), rel=1e-4)
-    heavy = np.r_[np.zeros(9), 100.0]  # one far outlier: the empirical quantile (99.1) is the larger
-    assert good_threshold(heavy)[0] == pytest.approx(np.quantile(heavy, 0.99))
-    assert good_threshold([7.0]) == (7.0, 1)
-    # enough values (>= 10 / (1 - q)): the empirical quantile alone, as for pixels
-    assert good_threshold(np.arange(10001.0), 0.999)[0] == pytest.approx(9990.0)
-    for bad, match in (([], "at least one good image"), ([1.0, math.nan], "NaN"), ([1.0], "quantile")):
-        with pytest.raises(ValueError, match=match):
-            good_threshold(bad, 0 if match == "quantile" else 0.99)
-
 
 def test_decide_compares_every_shared_metric_within_the_tolerance():
     deployed = {"bank": {"image_auroc": 0.905, "pixel_auroc": 0.90, "n_good": 4},
@@ -107,8 +93,10 @@ def test_first_promotion_deploys_a_copy_with_good_image_thresholds(circuit, tmp_
     bank = record["candidate_metrics"]["bank"]
     assert bank["n_good"] == 4 and bank["n_defective"] == 8 and bank["image_auroc"] > 0.6 and bank["pixel_auroc"] > 0.9
     threshold = record["threshold"]
-    assert threshold["n_good_images"] == 4 + 6 and threshold["image_quantile"] == 0.99  # bank + validation good
-    assert threshold["map_low"] < threshold["pixel"]
+    assert threshold["n_good_images"] == 4 + 6  # bank + validation good
+    assert threshold["policy"]["policy"] == "false_alarm_rate" and threshold["policy"]["max_false_alarm_rate"] == 0.01
+    assert threshold["map_low"] < threshold["pixel"] and 0 <= threshold["bank_recall"] <= 1
+    assert threshold["expected_false_alarm_rate"] == pytest.approx(0.01, abs=1e-6)
 
     current = tmp_path / "deployed" / "current"
     assert {"config.json", "weights.pt", "training_log.json", "deployment.json"} <= set(_snapshot(current))
@@ -171,6 +159,23 @@ def test_identical_candidate_is_unchanged(circuit, tmp_path):
     assert record["decision"] == "unchanged" and record["candidate_metrics"] is None
     assert _snapshot(where / "current") == current and not (where / "rejected").exists()
     assert [h["decision"] for h in deployment_history(where)] == ["first", "unchanged"]
+
+
+def test_a_new_decision_policy_resets_the_deployed_models_thresholds_without_a_new_model(circuit, tmp_path):
+    where = tmp_path / "deployed"
+    first = _promote(circuit, "good", where)["threshold"]
+    strict = DecisionPolicy(max_false_alarm_rate=0.001)
+    record = promote(circuit["good"], where, circuit["bank"], circuit["dataset"], 0.01, device="cpu", policy=strict)
+    assert record["decision"] == "unchanged" and "the decision policy changed" in record["reasons"][-1]
+    now = deployed_info(where)["threshold"]
+    assert now["policy"]["max_false_alarm_rate"] == 0.001 and now["image"] > first["image"]
+    assert now["expected_false_alarm_rate"] < first["expected_false_alarm_rate"]
+    # the same policy again: nothing to redo
+    again = promote(circuit["good"], where, circuit["bank"], circuit["dataset"], 0.01, device="cpu", policy=strict)
+    assert again["threshold"] is None and deployed_info(where)["threshold"] == now
+    fixed = DecisionPolicy(policy="fixed", image_threshold={"mean_image": 0.5}, pixel_threshold=0.25)
+    promote(circuit["good"], where, circuit["bank"], circuit["dataset"], 0.01, device="cpu", policy=fixed)
+    assert deployed_info(where)["threshold"]["image"] == 0.5 and deployed_info(where)["threshold"]["pixel"] == 0.25
 
 
 def _with_labelled_validation(dataset: Path, out: Path) -> Path:

@@ -34,6 +34,7 @@ TINY = {
     "budgets": {"tiny": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}}},
     "method_config": {},  # DVC stages depend on it: present, even when empty
     "evaluation": {"batch_size": 4, "gallery_size": 3},
+    "decision": {"policy": "false_alarm_rate"},  # DVC's evaluate and deploy stages depend on it
     "defect_bank": {"image_size": 64, "min_holdout": 2, "per_category": {"synthetic/circuit": {"foreground": True}}},
 }
 
@@ -85,6 +86,22 @@ def test_bad_params_are_clear(tmp_path):
         load_params(write_params(tmp_path, method_config={"pfm": {"per_category": {"synthetic/fabrik": {}}}}))
 
 
+def test_the_decision_policy_is_chosen_per_category_and_checked(tmp_path):
+    decision = {"max_false_alarm_rate": 0.02,
+                "per_category": {"synthetic/circuit": {"policy": "fixed", "image_threshold": {"pfm": 0.3},
+                                                       "pixel_threshold": 0.2}}}
+    params = load_params(write_params(tmp_path, decision=decision))
+    assert params.decision_policy("synthetic/fabric").max_false_alarm_rate == 0.02
+    assert params.decision_policy("synthetic/circuit").fixed_threshold("image_threshold", "pfm") == 0.3
+    assert load_params(ROOT / "params.yaml").decision_policy("synthetic/fabric").policy == "false_alarm_rate"
+    with pytest.raises(ParamsError, match=r"decision for synthetic/fabric: max_false_alarm_rate must be .* got 5"):
+        load_params(write_params(tmp_path, decision={"max_false_alarm_rate": 5}))
+    with pytest.raises(ParamsError, match=r"decision.per_category: 'synthetic/fabrik'"):
+        load_params(write_params(tmp_path, decision={"per_category": {"synthetic/fabrik": {}}}))
+    with pytest.raises(ParamsError, match=r"retraining.good_quantile is now decision.max_false_alarm_rate"):
+        load_params(write_params(tmp_path, retraining={"good_quantile": 0.99}))
+
+
 def test_a_named_budget_sets_every_methods_settings_in_one_line(tmp_path):
     budgets = {"cpu": {"pfm": {"image_size": 64, "epochs": 3, "per_category": {"synthetic/fabric": {"epochs": 5}}}}}
     own = {"pfm": {"batch_size": 2, "per_category": {"synthetic/fabric": {"image_size": 32}}}}
@@ -128,18 +145,22 @@ def test_whole_graph_end_to_end(tmp_path):
                                     partition_key=model_partition_key(category, method),
                                     resources=defs.resources, instance=instance)
             trained = result.asset_materializations_for_node("model")[0].metadata
-            assert trained["train_images"].value == 8 and 0 <= trained["bank_image_auroc"].value <= 1
-            assert trained["budget"].value == "tiny"
+            assert trained["train_images"].value == 8 and trained["budget"].value == "tiny"
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
-            assert 0.0 <= meta["image_auroc"].value <= 1.0
+            assert 0.0 <= meta["image_auroc"].value <= 1.0 and 0 <= meta["bank_recall"].value <= 1
+            assert meta["expected_false_alarm_rate"].value <= 0.01 + 1e-9
+            assert meta["decision_policy"].value.startswith("at most 1.00% of good parts fail")
+            checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+            assert "expected" in checks["false_alarms_as_expected"].metadata
             assert "data:image/png;base64," in meta["gallery"].value
     dg.materialize(assets, selection=[dg.AssetKey("report")], resources=defs.resources, instance=instance)
 
     data = tmp_path / "data"
     for method in params.methods:
         model_dir = data / "models" / method / "synthetic" / "fabric"
-        assert {"config.json", "weights.pt", "training_log.json", "calibration.json"} <= {
-            p.name for p in model_dir.iterdir()}
+        assert {"config.json", "weights.pt", "training_log.json"} <= {p.name for p in model_dir.iterdir()}
+        calibration = json.loads((data / "eval" / method / "synthetic" / "fabric" / "calibration.json").read_text())
+        assert calibration["policy"]["policy"] == "false_alarm_rate" and calibration["n_good_images"] == 2
         assert json.loads((model_dir / "config.json").read_text())["budget"] == "tiny"
         metrics = json.loads((data / "eval" / method / "synthetic" / "fabric" / "metrics.json").read_text())
         assert metrics["budget"] == "tiny" and metrics["n_test"] == 12 and set(metrics["image_auroc_per_defect_type"]) == {
@@ -148,6 +169,7 @@ def test_whole_graph_end_to_end(tmp_path):
     assert "synthetic/circuit" in report and "AUPRO" in report and report.count("data:image/png;base64,") >= 6
     assert "<script src" not in report and "<link" not in report  # self-contained
     assert "<th>budget</th>" in report and "<td>tiny</td>" in report
+    assert "Pass/fail decisions: at most 1.00% of good parts fail" in report and "<th>false alarms expected</th>" in report
     assert 'alt="pfm learning curve for synthetic/fabric"' in report and "mean_image learning curve" not in report
     dvc_metrics = json.loads((data / "reports" / "metrics.json").read_text())
     assert set(dvc_metrics["synthetic/fabric"]) == {"pfm", "mean_image"}
@@ -350,6 +372,15 @@ def test_dvc_repro_rebuilds_and_then_does_nothing(tmp_path):
     assert 0.0 <= values["synthetic/granite"]["mean_image"]["image_auroc"] <= 1.0
     plots = run(str(BIN / "dvc"), "plots", "show", "--json")
     assert "mean_image__synthetic__granite.csv" in plots
+    # another decision policy: thresholds are set again by evaluation and deployment, nothing is retrained
+    write_params(repo, categories=["synthetic/granite"], methods=["mean_image"], decision={"max_false_alarm_rate": 0.05})
+    policy = run(str(BIN / "dvc"), "repro")
+    assert {line for line in policy.splitlines() if "Running stage" in line} == {
+        f"Running stage '{stage}':" for stage in ("ingest@synthetic/granite", "evaluate@mean_image-synthetic/granite",
+                                                  "deploy@mean_image-synthetic/granite", "report")}
+    deployed = json.loads((repo / "data" / "deployed" / "mean_image" / "synthetic" / "granite" / "current"
+                           / "deployment.json").read_text())
+    assert deployed["threshold"]["policy"]["max_false_alarm_rate"] == 0.05
     # a new good image in the inbox: the category's dataset, bank, model, evaluation and deployment go stale
     inbox = repo / "data" / "incoming" / "synthetic" / "granite" / "good"
     inbox.mkdir(parents=True)

@@ -113,7 +113,8 @@ def test_training_selects_on_the_bank_and_round_trips(tiny_category, tmp_path):
     assert torch.all((maps >= 0) & (maps <= 1))
     again = load_method(tmp_path / "model", device="cpu").predict(images)
     assert torch.equal(again[0], scores) and torch.equal(again[1], maps)
-    result = runs.evaluate(tmp_path / "model", dataset, tmp_path / "eval", device="cpu", progress=False)
+    result = runs.evaluate(tmp_path / "model", dataset, tmp_path / "eval", bank_dir=bank, device="cpu",
+                           progress=False)
     assert 0 <= result["image_auroc"] <= 1 and "f1_at_threshold" in result
 
 

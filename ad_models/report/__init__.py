@@ -24,10 +24,12 @@ from ad_models.runs import LEARNING_CURVE  # noqa: E402
 
 TABLE_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"),
                  ("f1_max", "F1-max"), ("train_seconds", "training s"), ("inference_ms_per_image", "ms / image")]
-# shown only for categories whose evaluation has them (MVTec LOCO: sPRO; F1 and the share of good
-# images passed at the threshold calibrated on the synthetic defect bank)
+# shown only for categories whose evaluation has them (MVTec LOCO: sPRO; the test set's decisions at the
+# thresholds the decision policy set without it, what the policy expected, and the bank's recall)
 OPTIONAL_COLUMNS = [("auspro_0.05", "sPRO@0.05"), ("auspro_0.3", "sPRO@0.3"),
-                    ("f1_at_threshold", "F1 @ bank threshold"), ("good_pass_rate_at_threshold", "good passed")]
+                    ("f1_at_threshold", "F1 @ threshold"), ("good_pass_rate_at_threshold", "good passed"),
+                    ("expected_false_alarm_rate", "false alarms expected"),
+                    ("false_alarm_rate_at_threshold", "false alarms seen"), ("bank_recall", "bank recall")]
 LABEL_COLUMNS = [("budget", "budget")]  # what produced a row: text, not a DVC metric
 DVC_METRICS = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "train_seconds", "inference_ms_per_image"]
 
@@ -42,14 +44,17 @@ class EvalEntry:
 
 def _deployment(entry: EvalEntry) -> dict | None:
     """Which model is deployed and the decisions that led there, newest first."""
-    from ad_models.deploy import deployment_history
+    from ad_models.deploy import deployed_info, deployment_history
     history = deployment_history(entry.deploy_dir) if entry.deploy_dir else []
     if not history:
         return None
     deployed = next((h for h in reversed(history) if h["decision"] in ("first", "deployed")), None)
+    info = deployed_info(entry.deploy_dir)  # its thresholds now: a new policy re-sets them in place
+    threshold = (info or {}).get("threshold") or {}
     return {"method": entry.method, "deployed": deployed["candidate_id"] if deployed else "none",
             "since": deployed["decided_at"][:16].replace("T", " ") if deployed else "",
-            "threshold": _fmt((deployed.get("threshold") or {}).get("image")) if deployed else "n/a",
+            "thresholds": [_fmt(threshold.get(k)) for k in ("image", "pixel", "expected_false_alarm_rate",
+                                                             "bank_recall")],
             "history": [{"at": h["decided_at"][:16].replace("T", " "), "id": h["candidate_id"],
                          "decision": h["decision"], "why": "; ".join(h.get("reasons") or [])}
                         for h in reversed(history)]}
@@ -139,7 +144,8 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
                 learning.append({"method": entry.method,
                                  "uri": _png_data_uri(learning_curve_png(curve, f"{entry.method}: training"))})
         deployments = [d for d in (_deployment(e) for e in entries if e.category == category) if d]
-        categories.append({"name": category, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
+        policy = next((m["decision_policy"] for m in results.values() if m.get("decision_policy")), None)
+        categories.append({"name": category, "policy": policy, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
                            "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]}),
                            "deployments": deployments, "learning_curves": learning})
 

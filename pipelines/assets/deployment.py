@@ -8,6 +8,7 @@ is an asset check, so a rejected candidate shows in the UI (it is kept under rej
 import dagster as dg
 
 from ad_models.deploy import deployment_history, promote
+from ad_models.thresholds import expectation
 from pipelines.checks import check_deployment, comparison_rows, deployment_check_specs
 from pipelines.devices import Accelerator
 from pipelines.execution import gpu_step_tags
@@ -40,7 +41,7 @@ def build(params: Params) -> dg.AssetsDefinition:
         folder = p.deploy_dir(method, category)
         record = promote(p.model_dir(method, category), folder, p.bank_dir(category), p.dataset_dir(category),
                          tolerance=float(p.retraining["tolerance"]), device=accelerator.torch_device,
-                         good_quantile=float(p.retraining["good_quantile"]),
+                         policy=p.decision_policy(category),
                          batch_size=int(p.evaluation.get("batch_size", 8)))
         context.log.info(f"{method} on {category}: candidate {record['candidate_id']} {record['decision']}"
                          + (f" ({'; '.join(record['reasons'])})" if record.get("reasons") else ""))
@@ -50,8 +51,14 @@ def build(params: Params) -> dg.AssetsDefinition:
                     "candidate": record["candidate_id"], "deployed": deployed["candidate_id"],
                     "deployed_since": deployed["decided_at"], "decisions": len(history),
                     "history": history_table(history)}
-        if deployed.get("threshold"):
-            metadata["image_threshold"] = dg.MetadataValue.float(float(deployed["threshold"]["image"]))
+        threshold = deployed.get("threshold")
+        if threshold:
+            metadata.update(image_threshold=dg.MetadataValue.float(float(threshold["image"])),
+                            pixel_threshold=dg.MetadataValue.float(float(threshold["pixel"])),
+                            expected_false_alarm_rate=dg.MetadataValue.float(threshold["expected_false_alarm_rate"]),
+                            what_to_expect=expectation(threshold))
+            if "bank_recall" in threshold:
+                metadata["bank_recall"] = dg.MetadataValue.float(threshold["bank_recall"])
         if comparison_rows(record):
             metadata["comparison"] = markdown_table(["set", "metric", "candidate", "deployed"], comparison_rows(record))
         return dg.MaterializeResult(metadata=metadata, check_results=[check_deployment(record)])

@@ -39,7 +39,7 @@ def build(params: Params) -> dg.AssetsDefinition:
         context.log.info(f"training {method} on {category} (device {accelerator.torch_device}) into {folder}")
         log = runs.train(method, p.method_options(method, category), p.dataset_dir(category), folder,
                          bank_dir=p.bank_dir(category), device=accelerator.torch_device, progress=adpipe.progress,
-                         batch_size=int(p.evaluation.get("batch_size", 8)), budget=p.budget,
+                         budget=p.budget,
                          compile=p.execution["compile"] or None)
         metadata = {"path": dg.MetadataValue.path(str(folder)), "budget": p.budget,
                     "train_images": log["counts"]["train"],
@@ -50,10 +50,6 @@ def build(params: Params) -> dg.AssetsDefinition:
             metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])
             metadata["loss_curve"] = loss_summary(log["loss_per_epoch"], log.get("loss_columns"),
                                                   iterations_per_row=log.get("loss_every_iterations"))
-        if log.get("calibration"):
-            calibration = log["calibration"]
-            metadata.update({k: dg.MetadataValue.float(float(v)) for k, v in calibration.items()
-                             if k.startswith(("bank_image", "bank_pixel")) or k.endswith("threshold")})
         if log.get("checkpoint_selection"):
             metadata["checkpoint_selection"] = markdown_table(
                 ["iteration" if log.get("loss_every_iterations") else "epoch", "bank image AUROC", "bank pixel AUROC"],
