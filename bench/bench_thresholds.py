@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--study-variants", type=json.loads, default={},
                         help='JSON {name: DefectConfig dict}: candidate bank variants, in a second bank on the same '
                              'held-out images, each judged alone by its bank-F1 threshold (training never sees them)')
+    parser.add_argument("--bank-config", type=json.loads, default={},
+                        help='JSON options over params.yaml\'s defect_bank, e.g. {"min_holdout": 20}')
+    parser.add_argument("--tag", default="", help="keeps banks and models of this run apart (with --bank-config)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(RESULTS / "thresholds.json"))
     args = parser.parse_args()
@@ -112,13 +115,14 @@ def main() -> None:
         if not (args.reuse and (dataset_dir / "manifest.csv").is_file()):
             # the dataset's options in params.yaml (the built-in categories' sizes, the tile's split)
             prepare_category(source, category, dataset_dir, **{**params.source_of(key)[2], **options})
-        bank_dir = RESULTS / "defects" / source / category
+        bank_dir = RESULTS / ("defects" + args.tag) / source / category
+        bank_config = {**params.bank_config(key), **args.bank_config}
         if not (args.reuse and (bank_dir / "bank.json").is_file()):
-            build_bank(dataset_dir, bank_dir, params.bank_config(key), progress=False)
+            build_bank(dataset_dir, bank_dir, bank_config, progress=False)
         test = read_manifest(dataset_dir)
         test = test[test.split == "test"].reset_index(drop=True)
         for method in args.methods:
-            model_dir = RESULTS / "models_thresholds" / params.budget / method / source / category
+            model_dir = RESULTS / ("models_thresholds" + args.tag) / params.budget / method / source / category
             start = time.perf_counter()
             if not (args.reuse and (model_dir / "weights.pt").is_file()):
                 runs.train(method, params.method_options(method, key), dataset_dir, model_dir, bank_dir=bank_dir,
@@ -129,10 +133,9 @@ def main() -> None:
             valid = {name: predictions(model, data) for name, data in
                      validation_sets(bank_dir, dataset_dir, size).items()}
             if args.study_variants:
-                study_dir = RESULTS / "defects_study" / source / category
+                study_dir = RESULTS / ("defects_study" + args.tag) / source / category
                 if not (args.reuse and (study_dir / "bank.json").is_file()):
-                    build_bank(dataset_dir, study_dir, {**params.bank_config(key), "variants": args.study_variants},
-                               progress=False)
+                    build_bank(dataset_dir, study_dir, {**bank_config, "variants": args.study_variants}, progress=False)
                 valid["study"] = predictions(model, ImageDataset(read_bank(study_dir)[0], size))
             tested = predictions(model, ImageDataset(test, size))
             f1_max = metrics.f1_max(tested["labels"], tested["scores"])

@@ -8,9 +8,11 @@ import dagster as dg
 import pytest
 import yaml
 
+from ad_models.data.layout import read_inputs_record, read_manifest
 from pipelines.definitions import build_definitions
 from pipelines.params import ParamsError, load_params
 from pipelines.partitions import model_partition_key
+from test_mvtec_folder import build_mvtec_tree, write_image
 from test_mvtec_loco import CATEGORY, build_loco_tree
 
 
@@ -103,3 +105,50 @@ def test_unknown_view_is_a_params_error(tmp_path):
         "categories": [f"loco/{CATEGORY}.sideways"], "methods": ["mean_image"]}))
     with pytest.raises(ParamsError, match="unknown view 'sideways'.*structural"):
         load_params(path)
+
+
+def test_user_mvtec_folder_through_the_graph(tmp_path):
+    """A user's MVTec-layout folder per category ({category} in source_dir) becomes the dataset asset
+    with the user's split, then trains and evaluates; a change of the user's files shows."""
+    lines = tmp_path / "lines"
+    for name in ("capacitor", "resistor"):
+        build_mvtec_tree(lines / name)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({
+        "data_root": "data",
+        "datasets": {"mine": {"source": "mvtec_folder", "options": {"source_dir": "lines/{category}"}}},
+        "categories": ["mine/capacitor", "mine/resistor"],
+        "methods": ["mean_image"],
+        "method_config": {"mean_image": {"image_size": 32}},
+        "defect_bank": {"image_size": 32, "min_holdout": 2}}))
+    params = load_params(path)
+    assert params.raw_datasets() == []  # one folder per category: nothing dataset-wide to fetch first
+    defs = build_definitions(params, progress=False)
+
+    def dataset_run():
+        result = _materialize(defs, ["dataset"], "mine/capacitor")
+        materialization = result.asset_materializations_for_node("dataset")[0]
+        return result, materialization.metadata, materialization.tags["dagster/data_version"]
+
+    result, meta, version = dataset_run()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["manifest_is_valid"].passed and checks["counts_as_published"].passed  # none published
+    assert (meta["train_good"].value, meta["validation_good"].value, meta["test_good"].value,
+            meta["test_defective"].value) == (4, 1, 2, 3)
+    folder = params.dataset_dir("mine/capacitor")
+    assert set(read_manifest(folder).defect_type) == {"good", "broken_large", "scratch"}
+    inputs = read_inputs_record(folder)
+    assert meta["inputs_sha256"].value == inputs["sha256"][:16] and meta["inputs_files"].value == inputs["files"]
+
+    write_image(lines / "capacitor" / "test" / "good" / "002.png")  # a new test image: not a training change
+    _, _, same_version = dataset_run()
+    assert same_version == version and read_inputs_record(folder)["sha256"] != inputs["sha256"]
+    write_image(lines / "capacitor" / "train" / "good" / "004.png")  # a new training image: models go stale
+    _, meta, new_version = dataset_run()
+    assert new_version != version and meta["train_good"].value == 5
+
+    key = model_partition_key("mine/capacitor", "mean_image")
+    assert _materialize(defs, ["defect_bank"], "mine/capacitor").success
+    assert _materialize(defs, ["model", "evaluation"], key).success
+    metrics = json.loads((params.eval_dir("mean_image", "mine/capacitor") / "metrics.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0

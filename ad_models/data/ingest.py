@@ -61,6 +61,7 @@ from ad_models.data.layout import (
     COLUMNS,
     IMAGE_EXTENSIONS,
     DatasetError,
+    files_digest,
     read_image_file,
     read_manifest,
     validate_manifest,
@@ -422,10 +423,7 @@ def training_data_version(dataset_dir: str | os.PathLike) -> str:
     root = Path(dataset_dir).absolute()
     manifest = read_manifest(root)
     train = manifest.loc[manifest["split"] == "train", "path"]
-    digest = hashlib.sha256()
-    for rel, file_digest in sorted((Path(p).relative_to(root).as_posix(), sha256sum(p)) for p in train):
-        digest.update(f"{rel}\t{file_digest}\n".encode())
-    return digest.hexdigest()
+    return files_digest([(Path(p).relative_to(root).as_posix(), p) for p in train])
 
 
 def _link_tree(source: Path, dest: Path) -> None:

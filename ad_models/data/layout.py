@@ -10,6 +10,7 @@ Layout of one category folder (`root`):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ad_models.io import atomic_dir, atomic_path
+from ad_models.data.download import sha256sum
+from ad_models.io import atomic_dir, atomic_path, read_json, write_json
 
 COLUMNS = ["path", "split", "label", "defect_type", "mask_path", "category", "dataset"]
 SPLITS = ("train", "validation", "test")
@@ -99,7 +101,8 @@ def _relative_to(path: str, root: str) -> str:
     return path[len(root.rstrip("/")) + 1:]
 
 
-def _listing(title: str, items: list[str]) -> str:
+def listing(title: str, items: list[str]) -> str:
+    """An indented count, title and the first items, one per line: a problem in a DatasetError."""
     lines = [f"  {len(items)} {title}:"] + [f"    {item}" for item in items[:_MAX_LISTED]]
     if len(items) > _MAX_LISTED:
         lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
@@ -133,24 +136,24 @@ def validate_manifest(df: pd.DataFrame) -> None:
 
     bad_split = df.loc[~df["split"].isin(SPLITS), "path"].tolist()
     if bad_split:
-        problems.append(_listing(f"images with a split not in {SPLITS}", rel(bad_split)))
+        problems.append(listing(f"images with a split not in {SPLITS}", rel(bad_split)))
     good = df["label"] == 0
     inconsistent = df.loc[
         ~df["label"].isin([0, 1]) | (good != (df["defect_type"] == "good")) | (good & (df["mask_path"] != "")),
         "path",
     ].tolist()
     if inconsistent:
-        problems.append(_listing(
+        problems.append(listing(
             "images whose label, defect_type and mask_path disagree "
             "(good images: label 0, defect_type 'good', no mask)", rel(inconsistent)))
     if not ((df["split"] == "train") & good).any():
         problems.append("  train/good is empty: at least one defect-free training image is needed")
     wrong_split = df.loc[~good & (df["split"] != "test"), "path"].tolist()
     if wrong_split:
-        problems.append(_listing("defective images outside test/", rel(wrong_split)))
+        problems.append(listing("defective images outside test/", rel(wrong_split)))
     no_mask = df.loc[~good & (df["mask_path"] == ""), "path"].tolist()
     if no_mask:
-        problems.append(_listing(
+        problems.append(listing(
             "defective test images without a mask file "
             "(expected ground_truth/<defect_type>/<stem>_mask.png)", rel(no_mask)))
 
@@ -166,11 +169,11 @@ def validate_manifest(df: pd.DataFrame) -> None:
         if shape is not None and mshape is not None and shape != mshape
     ]
     if unreadable:
-        problems.append(_listing("missing, unreadable or undecodable images", rel(unreadable)))
+        problems.append(listing("missing, unreadable or undecodable images", rel(unreadable)))
     if bad_masks:
-        problems.append(_listing("missing, unreadable or undecodable mask files", rel(bad_masks)))
+        problems.append(listing("missing, unreadable or undecodable mask files", rel(bad_masks)))
     if mis_sized:
-        problems.append(_listing("masks whose size differs from their image", mis_sized))
+        problems.append(listing("masks whose size differs from their image", mis_sized))
 
     if problems:
         raise DatasetError(
@@ -273,7 +276,7 @@ def transfer_files(jobs: list[tuple[Path, Path, str]], workers: int | None = Non
     with ThreadPoolExecutor(max_workers=workers) as pool:
         failed = [f for f in pool.map(_transfer, [(Path(s), Path(d), m) for s, d, m in jobs], chunksize=8) if f]
     if failed:
-        raise DatasetError("cannot read or write these files:\n" + _listing("files", sorted(failed)))
+        raise DatasetError("cannot read or write these files:\n" + listing("files", sorted(failed)))
 
 
 def write_category(
@@ -292,18 +295,59 @@ def write_category(
     return read_manifest(out_dir)
 
 
+def write_jobs(out_dir: str | os.PathLike, category: str, dataset: str,
+               jobs: list[tuple[Path, Path, str]], record_inputs: bool = False) -> pd.DataFrame:
+    """A category folder made of `(source, path inside the folder, mode)` jobs (see `transfer_files`),
+    written atomically by `write_category`; returns its manifest. With `record_inputs` (sources that
+    read the user's own folders, which no published checksum pins) the folder gets `inputs.json`
+    (`inputs_digest`). A validation error also names the source file of each file it lists."""
+    def fill(tmp: Path) -> None:
+        transfer_files([(source, tmp / rel, mode) for source, rel, mode in jobs])
+        if record_inputs:
+            write_json(tmp / INPUTS_RECORD, inputs_digest(jobs))
+    try:
+        return write_category(out_dir, category, dataset, fill)
+    except DatasetError as e:
+        message = str(e)
+        # the listed paths are inside a temporary folder; the user knows the files they came from
+        named = [f"{Path(rel).as_posix()} <- {source}" for source, rel, _ in jobs if Path(rel).as_posix() in message]
+        if not named:
+            raise
+        raise DatasetError(message + "\n" + listing("source files of the paths above", named)) from e
+
+
+# ----------------------------------------------------------------------------- what a category was read from
+
+INPUTS_RECORD = "inputs.json"
+
+
+def files_digest(files: list[tuple[str, str | os.PathLike]]) -> str:
+    """A sha256 hex digest over the sorted (name, sha256 of the file's bytes) of `(name, path)` pairs:
+    it changes exactly when a file changes, appears, disappears or is renamed, and not when the
+    files move together to another folder or machine."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(sha256sum, [path for _, path in files]))
+    digest = hashlib.sha256()
+    for name, file_digest in sorted(zip((name for name, _ in files), digests)):
+        digest.update(f"{name}\t{file_digest}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_digest(jobs: list[tuple[Path, Path, str]]) -> dict[str, int | str]:
+    """{"files": n, "sha256": `files_digest` over each job's path inside the category folder and its
+    source file}: what a category folder was read from."""
+    return {"files": len(jobs), "sha256": files_digest([(Path(rel).as_posix(), source) for source, rel, _ in jobs])}
+
+
+def read_inputs_record(category_dir: str | os.PathLike) -> dict | None:
+    """The `inputs_digest` a category folder was built from, or None when its source records none."""
+    record = Path(category_dir) / INPUTS_RECORD
+    return read_json(record) if record.is_file() else None
+
+
 # ----------------------------------------------------------------------------- expected image counts
 
 ANY_DEFECT = "test/*"  # key for "all defective test images, whatever their type"
-
-
-def write_jobs(out_dir: str | os.PathLike, category: str, dataset: str,
-               jobs: list[tuple[Path, Path, str]]) -> pd.DataFrame:
-    """A category folder made of `(source, path inside the folder, mode)` jobs (see `transfer_files`),
-    written atomically by `write_category`; returns its manifest."""
-    def fill(tmp: Path) -> None:
-        transfer_files([(source, tmp / rel, mode) for source, rel, mode in jobs])
-    return write_category(out_dir, category, dataset, fill)
 
 
 def require_category(category: str, categories: tuple[str, ...] | list[str], dataset: str) -> None:

@@ -7,6 +7,7 @@ import dagster as dg
 
 from ad_models.data.ingest import (INGESTED_PREFIX, ensure_store, ingest, ingested_images, store_version,
                                   training_data_version)
+from ad_models.data.layout import read_inputs_record
 from ad_models.data.preview import sample_grid
 from ad_models.data.sources import fetch_raw, prepare_category, raw_archive
 from pipelines.checks import check_counts, check_dataset, check_inbox, dataset_check_specs, inbox_check_specs
@@ -117,9 +118,11 @@ def build(params: Params) -> dg.AssetsDefinition:
         table = manifest.groupby(["split", "defect_type"], sort=False).size().reset_index(name="images")
         _, size = _folder_summary(folder)
         version = training_data_version(folder)  # changes exactly when the training images change
+        inputs = read_inputs_record(folder)  # the user's own files, which no published checksum pins
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={"path": dg.MetadataValue.path(str(folder)), "images": len(manifest),
+                      **({"inputs_sha256": inputs["sha256"][:16], "inputs_files": inputs["files"]} if inputs else {}),
                       "training_data_version": version[:16],
                       "train_good": int((manifest.split == "train").sum()),
                       "train_good_ingested": int(ingested.sum()),

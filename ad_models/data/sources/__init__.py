@@ -23,11 +23,12 @@ import pandas as pd
 
 from ad_models.data.download import RawArchive, fetch_source, resolve_archive
 from ad_models.data.ingest import ingested_images, merge_ingested
-from ad_models.data.sources import dagm, folder, magnetic_tile, mvtec_3d, mvtec_ad, mvtec_loco, synthetic, visa
+from ad_models.data.sources import (dagm, folder, magnetic_tile, mvtec_3d, mvtec_ad, mvtec_folder, mvtec_loco, synthetic,
+                                    visa)
 
 SOURCES: dict[str, ModuleType] = {
     "synthetic": synthetic, "magnetic_tile": magnetic_tile, "mvtec_ad": mvtec_ad, "mvtec_loco": mvtec_loco,
-    "visa": visa, "dagm": dagm, "mvtec_3d": mvtec_3d, "folder": folder}
+    "visa": visa, "dagm": dagm, "mvtec_3d": mvtec_3d, "folder": folder, "mvtec_folder": mvtec_folder}
 ALL_VIEW = "all"
 
 
@@ -94,8 +95,11 @@ def raw_archive(source: str, options: dict) -> RawArchive | None:
 
 def has_raw(source: str, options: dict) -> bool:
     """Whether the dataset is read from somewhere (a download, an archive, a folder) rather than
-    generated or read from folders of the user's own layout."""
-    return bool(options.get("source_dir") or raw_archive(source, options))
+    generated or read from folders of the user's own layout. A `source_dir` with `{category}` in it
+    is one folder per category, read by the source's `prepare` itself: nothing dataset-wide to fetch."""
+    source_dir = options.get("source_dir")
+    per_category = bool(source_dir) and "{category}" in str(source_dir)
+    return bool((source_dir and not per_category) or raw_archive(source, options))
 
 
 def fetch_raw(source: str, raw_dir: str | os.PathLike, options: dict, progress: bool = True) -> Path:

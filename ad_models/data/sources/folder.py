@@ -15,7 +15,8 @@ the others (WebP, PPM/PGM, JPEG 2000, ...) are converted to PNG. Files in subfol
 `good_dir` are named `<sub>__<name>` so that names stay unique.
 
 There is no official list of categories: any folder-safe name is accepted (CATEGORIES is None),
-and there are no expected counts (EXPECTED_COUNTS is empty).
+and there are no expected counts (EXPECTED_COUNTS is empty). No checksum pins the user's files, so
+the category folder records a hash of every file read (`inputs.json`, see `layout.inputs_digest`).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ READABLE_EXTENSIONS = IMAGE_EXTENSIONS + (
 )
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files under `folder` (recursively, hidden files skipped), sorted by relative path."""
     return sorted(
         (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_EXTENSIONS
@@ -50,16 +51,18 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _job(source: Path, dest_dir: Path, stem: str) -> tuple[Path, Path, str]:
+def image_job(source: Path, dest_dir: Path, stem: str) -> tuple[Path, Path, str]:
+    """The transfer job writing image `source` as `dest_dir/<stem>`: kept as is in a format we keep,
+    else converted to PNG."""
     if source.suffix.lower() in IMAGE_EXTENSIONS:
         return source, dest_dir / f"{stem}{source.suffix}", "copy"
     return source, dest_dir / f"{stem}.png", "png"
 
 
-def _mask_index(mask_dir: Path) -> dict[tuple[str, str], Path]:
+def mask_index(mask_dir: Path) -> dict[tuple[str, str], Path]:
     """(relative folder, image stem) -> mask file; `<stem>_mask.*` wins over `<stem>.*`."""
     index: dict[tuple[str, str], Path] = {}
-    for mask in _image_files(mask_dir):
+    for mask in image_files(mask_dir):
         folder = mask.parent.relative_to(mask_dir).as_posix()
         stem = mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
         if (folder, stem) not in index or mask.stem.endswith("_mask"):
@@ -74,19 +77,19 @@ def plan(
     test_good_fraction: float,
 ) -> list[tuple[Path, Path, str]]:
     """(source, path inside the category folder, mode) for every image and mask to write."""
-    good = _image_files(good_dir)
+    good = image_files(good_dir)
     if not good:
         raise DatasetError(f"no images in {good_dir} (looked for {', '.join(READABLE_EXTENSIONS)})")
     jobs = []
     for image in good:
         rel = image.relative_to(good_dir).as_posix()
         split = "test" if is_test_good(rel, test_good_fraction) else "train"
-        jobs.append(_job(image, Path(split) / "good", Path(rel).with_suffix("").as_posix().replace("/", "__")))
+        jobs.append(image_job(image, Path(split) / "good", Path(rel).with_suffix("").as_posix().replace("/", "__")))
 
     if defective_dir is not None:
-        index = _mask_index(mask_dir)
+        index = mask_index(mask_dir)
         unmasked = []
-        images = _image_files(defective_dir)
+        images = image_files(defective_dir)
         if mask_dir.resolve() == defective_dir.resolve():  # masks beside their images: a.png, a_mask.png
             images = [p for p in images if not p.stem.endswith("_mask")]
         for image in images:
@@ -98,7 +101,7 @@ def plan(
             if mask is None:
                 unmasked.append(rel.as_posix())
                 continue
-            jobs.append(_job(image, Path("test") / defect_type, stem))
+            jobs.append(image_job(image, Path("test") / defect_type, stem))
             jobs.append((mask, Path("ground_truth") / defect_type / f"{stem}_mask.png", "mask"))
         if unmasked:
             raise DatasetError(
@@ -106,13 +109,24 @@ def plan(
                 f"(expected <same subfolder>/<image stem>[_mask].<any image format>):\n  "
                 + "\n  ".join(unmasked[:20]))
 
+    check_unique_destinations(jobs)
+    return jobs
+
+
+def check_unique_destinations(jobs: list[tuple[Path, Path, str]]) -> None:
+    """Raise DatasetError when two source files would be written to the same path."""
     seen: dict[Path, Path] = {}
     clashes = [f"{seen[dest]} and {source} -> {dest}"
                for source, dest, _ in jobs if seen.setdefault(dest, source) != source]
     if clashes:
         raise DatasetError("two files would get the same name (e.g. a.png and a.webp):\n  "
                            + "\n  ".join(clashes[:20]))
-    return jobs
+
+
+def check_category_name(category: str) -> None:
+    """A category of the user's own is a folder name: nothing that could climb out of data/datasets."""
+    if not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category):
+        raise ValueError(f"category {category!r} must be a folder-safe name (letters, digits, _ . -)")
 
 
 def prepare(
@@ -131,8 +145,7 @@ def prepare(
 
     `seed` changes nothing: the split is a hash of file names (see the module docstring).
     `raw_dir` and `progress` are accepted like every source's and unused: nothing is downloaded."""
-    if not isinstance(category, str) or not CATEGORY_PATTERN.fullmatch(category):
-        raise ValueError(f"category {category!r} must be a folder-safe name (letters, digits, _ . -)")
+    check_category_name(category)
     if not 0 <= test_good_fraction < 1:
         raise ValueError(f"test_good_fraction must be in [0, 1), got {test_good_fraction!r}")
     folders = {"good_dir": good_dir, "defective_dir": defective_dir, "mask_dir": mask_dir}
@@ -143,4 +156,4 @@ def prepare(
         raise ValueError("defective_dir and mask_dir go together: defective images need masks")
     jobs = plan(Path(good_dir), None if defective_dir is None else Path(defective_dir),
                 None if mask_dir is None else Path(mask_dir), test_good_fraction)
-    return write_jobs(out_dir, category, DATASET, jobs)
+    return write_jobs(out_dir, category, DATASET, jobs, record_inputs=True)
