@@ -32,7 +32,7 @@ TINY = {
     "methods": ["pfm", "mean_image"],
     "budget": "tiny",
     "budgets": {"tiny": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}}},
-    "method_config": {},  # DVC stages depend on it: present, even when empty
+    "method_config": {"pfm": {}, "mean_image": {}},  # DVC's train stages depend on each method's entry, even empty
     "evaluation": {"batch_size": 4, "gallery_size": 3},
     "decision": {"policy": "false_alarm_rate"},  # DVC's evaluate and deploy stages depend on it
     "defect_bank": {"image_size": 64, "min_holdout": 2, "per_category": {"synthetic/circuit": {"foreground": True}}},
