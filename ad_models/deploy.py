@@ -35,7 +35,7 @@ import torch
 
 from ad_models import metrics
 from ad_models.data.layout import read_manifest
-from ad_models.data.loading import ImageDataset
+from ad_models.data.loading import ImageDataset, image_shape
 from ad_models.defects.bank import read_bank
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import load_method
@@ -59,7 +59,7 @@ DECISIONS = ("first", "deployed", "rejected", "unchanged")
 # ----------------------------------------------------------------------------- the comparison data
 
 def validation_sets(bank_dir: str | os.PathLike | None, dataset_dir: str | os.PathLike | None,
-                    image_size: int) -> dict[str, ImageDataset]:
+                    image_size: int | tuple[int, int]) -> dict[str, ImageDataset]:
     """The named image sets a candidate and the deployed model are compared on.
 
     - "bank": the synthetic defect bank (`read_bank`), when `bank_dir` is given.
@@ -103,6 +103,7 @@ def score_sets(model, sets: dict[str, ImageDataset], batch_size: int = 8, progre
     out: dict[str, Any] = {"metrics": {}}
     samples = []
     for name, data in sets.items():
+        data = data.with_resize(model.config.resize)  # each model sees images as it was trained to
         pred = model.predict_dataset(data, batch_size, progress=progress, desc=f"{model.name}: {name}")
         labels, scores, maps, masks = pred["labels"], pred["scores"], pred["maps"], pred["masks"]
         good = labels == 0
@@ -296,7 +297,7 @@ def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
         reasons, threshold = [f"candidate {cid} is the deployed model"], None
         if (deployed.get("threshold") or {}).get("policy") != asdict(policy):
             # a new decision policy applies to the deployed model at once, without retraining it
-            sets = validation_sets(bank_dir, dataset_dir, int(saved["config"]["image_size"]))
+            sets = validation_sets(bank_dir, dataset_dir, image_shape(saved["config"]["image_size"]))
             sample = score_model(deployed["model_dir"], sets, device, batch_size)["sample"]
             if sample.finite():
                 threshold = choose_thresholds(policy, sample, saved["method"])
@@ -309,7 +310,7 @@ def promote(candidate_dir: str | os.PathLike, deploy_dir: str | os.PathLike,
         return record
 
     # both models see the sets at the candidate's input size, so pixel metrics are on one grid
-    sets = validation_sets(bank_dir, dataset_dir, int(saved["config"]["image_size"]))
+    sets = validation_sets(bank_dir, dataset_dir, image_shape(saved["config"]["image_size"]))
     if not any(s.labels and len(set(s.labels)) == 2 for s in sets.values()):
         raise ValueError(f"the validation data ({', '.join(sets)}) has no defective image: models cannot be "
                          f"compared (build the defect bank)")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ad_models.data.loading import read_rgb, resize_rgb
+from ad_models.data.loading import content_mask, fit_image, read_rgb, restore_map
 from ad_models.deploy import DECISION, DEPLOYMENT, deployed_info
 from ad_models.io import read_json, write_bytes, write_text
 from ad_models.methods import load_method
@@ -79,7 +79,8 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
     """Score `image_paths` with the deployed model of `model` (a deployment folder, or see
     `model_and_thresholds`); write maps, masks and predictions.csv into `out_dir`; return the table.
 
-    Images are resized to the model's input size exactly as in training (`resize_rgb`); a score
+    Images become the model's input exactly as in training (`fit_image`, under the model's
+    `resize` policy), and maps come back at each image's own size, padding cut off; a score
     at or above the image threshold is "fail", else "pass" (`thresholds.fails`); the mask is where the
     map is at or above the pixel threshold. A missing or undecodable file is an error
     naming it (missing files are found before anything is computed).
@@ -97,7 +98,7 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
         raise FileNotFoundError(f"image(s) not found: {', '.join(missing)}")
     names = output_names([p.absolute() for p in paths])
     method = load_method(model_dir, device)
-    size = int(method.config.image_size)
+    size, resize = method.config.image_size, method.config.resize
     lo, pixel = float(threshold["map_low"]), float(threshold["pixel"])
     hi = pixel + max(pixel - lo, 1e-12)  # the pixel threshold in the middle of the colour scale
     out_dir = Path(out_dir)
@@ -105,13 +106,15 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
         originals = [read_rgb(p) for p in batch]  # names the file when it does not decode
-        inputs = torch.stack([torch.from_numpy(resize_rgb(image, size)).permute(2, 0, 1) for image in originals])
+        fitted = [fit_image(image, size, resize) for image in originals]
+        inputs = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in fitted])
+        boxes = torch.tensor([box for _, box in fitted])
+        valid = content_mask(boxes, size) if resize != "stretch" else None
         with torch.no_grad():
-            scores, maps = method.predict(inputs.float().div_(255))
+            scores, maps = method.predict(inputs.float().div_(255), valid)
         scores, maps = scores.float().cpu().numpy(), maps.float().cpu().numpy()
-        for path, name, image, score, amap in zip(batch, names[start:], originals, scores, maps):
-            h, w = image.shape[:2]
-            amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
+        for path, name, image, score, amap, box in zip(batch, names[start:], originals, scores, maps, boxes):
+            amap = restore_map(amap, box, *image.shape[:2])
             overlay = (0.5 * image + 0.5 * colourise(amap, lo, hi)).astype(np.uint8)
             _write_png(out_dir / f"{name}_map.png", overlay)
             _write_png(out_dir / f"{name}_mask.png", fails(amap, pixel).astype(np.uint8) * 255)

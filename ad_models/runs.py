@@ -26,7 +26,6 @@ import pandas as pd
 from ad_models import metrics
 from ad_models.data.ingest import training_data_version
 from ad_models.data.layout import read_manifest
-from ad_models.data.loading import ImageDataset
 from ad_models.data.sources import mvtec_loco
 from ad_models.defects.bank import read_bank
 from ad_models.deploy import score_sets, validation_sets
@@ -63,7 +62,6 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     model.budget = budget
     if compile:
         model.compile_networks(compile)
-    size = model.config.image_size
     train_rows = manifest[manifest.split == "train"]
     valid_rows = manifest[manifest.split == "validation"]
     held_out: list[str] = []
@@ -73,8 +71,8 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
         excluded = {(root / p).as_posix() for p in held_out}
         train_rows = train_rows[~train_rows.path.isin(excluded)]
         valid_rows = pd.concat([bank, valid_rows], ignore_index=True)
-    valid_set = ImageDataset(valid_rows, size) if len(valid_rows) else None
-    log = model.fit(ImageDataset(train_rows, size), valid_set, device=device, progress=progress)
+    valid_set = model.image_dataset(valid_rows) if len(valid_rows) else None
+    log = model.fit(model.image_dataset(train_rows), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
     log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts,
@@ -195,7 +193,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     if test_rows.empty:
         raise ValueError(f"{dataset_dir}: the test split is empty; nothing to evaluate")
     size = model.config.image_size
-    pred = model.predict_dataset(ImageDataset(test_rows, size), batch_size, progress, desc=f"{model.name}: test")
+    pred = model.predict_dataset(model.image_dataset(test_rows), batch_size, progress, desc=f"{model.name}: test")
     labels, scores = pred["labels"], pred["scores"]
     result: dict[str, Any] = metrics.evaluate(labels, scores, pred["masks"], pred["maps"])
     per_defect = per_defect_type(labels, scores, pred["defect_types"])

@@ -316,7 +316,7 @@ def test_the_ui_shows_what_the_cli_materialized(tmp_path):
         page = render_in_chromium(f"{graphql.base_url}/assets/model?view=partitions", tmp_path / "model_asset.png")
     [materialization] = asset["assetMaterializations"]
     assert set(materialization["partition"].split("|")) == {"synthetic/granite", "mean_image"}
-    assert {"train_seconds", "image_threshold"} <= {e["label"] for e in materialization["metadataEntries"]}
+    assert {"train_seconds", "budget"} <= {e["label"] for e in materialization["metadataEntries"]}
     # what a person opening the UI sees: the asset page lists the materialized partition
     assert "mean_image" in page and "synthetic/granite" in page
     assert cv2.imread(str(tmp_path / "model_asset.png")).std() > 10  # a drawn page, not a blank one

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ad_models.data.layout import COLUMNS, MANIFEST_NAME, read_manifest, write_manifest
-from ad_models.data.loading import load_image
+from ad_models.data.loading import check_resize, content_box, read_rgb, resize_rgb
 from ad_models.defects.synthesis import DefectConfig, DefectSynthesizer
 from ad_models.io import atomic_dir, atomic_path, read_json, write_json
 
@@ -55,6 +55,9 @@ class BankConfig:
     min_holdout: int = 4  # at least this many, whatever the fraction
     defects_per_image: int = 2
     image_size: int = 256  # bank images are written at this size (methods resize as they train)
+    # "keep_aspect": the long side is image_size and the aspect kept, for categories whose models
+    # use the keep_aspect resize policy (a squashed bank would not look like their inputs)
+    resize: str = "stretch"
     foreground: bool = False  # keep defects on the object (object categories on a plain background)
     variants: dict = field(default_factory=default_variants)  # name -> DefectConfig dict
     seed: int = 0
@@ -64,6 +67,7 @@ class BankConfig:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.min_holdout < 1 or self.defects_per_image < 1 or self.image_size < 8:
             raise ValueError("min_holdout and defects_per_image must be >= 1, image_size >= 8")
+        check_resize(self.resize)
         if not self.variants:
             raise ValueError("variants: at least one defect variant is needed")
         for name, spec in self.variants.items():
@@ -121,7 +125,8 @@ def build_bank(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike,
     rows = []
     with atomic_dir(out_dir) as tmp:
         for i, rel in enumerate(tqdm(held_out, desc=f"defect bank {category}", disable=not progress, leave=False)):
-            image = load_image(relative[rel], cfg.image_size)
+            image = read_rgb(relative[rel])
+            image = resize_rgb(image, content_box(*image.shape[:2], cfg.image_size, cfg.resize)[2:])
             stem = f"{i:04d}_{Path(rel).stem}"
             _write_png(tmp / "good" / f"{stem}.png", image)
             rows.append([f"good/{stem}.png", "validation", 0, "good", ""])

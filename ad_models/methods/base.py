@@ -4,11 +4,16 @@ A method is a class with a config dataclass and this surface (scikit-learn in sp
 
     method = Method(config)
     log = method.fit(train_dataset, valid_dataset=None, device="cpu", progress=True)
-    scores, maps = method.predict(images)        # images [B, 3, H, W] in [0, 1]
+    scores, maps = method.predict(images, valid=None)  # images [B, 3, H, W] in [0, 1]
     method.save(folder); Method.load(folder)
 
 `predict` returns image scores [B] and anomaly maps [B, H, W] at the input resolution; larger
-means more anomalous. `save` writes `config.json` (the method's config, the weights' sources,
+means more anomalous. `valid` [B, H, W] bool, when given, marks the image's own pixels (not the
+padding of the `keep_aspect` resize policy): image scores are taken over them only.
+
+Every config has `image_size` (an int for a square, or [height, width]) and `resize` (one of
+`loading.RESIZE_POLICIES`), checked by `check_input_geometry` with the multiple the method's
+networks need. `save` writes `config.json` (the method's config, the weights' sources,
 library versions) and `weights.pt`; `load` needs nothing else, on any machine.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ad_models import metrics
+from ad_models.data.loading import RESIZE_POLICIES, ImageDataset, content_mask, image_shape, restore_map
 from ad_models.io import atomic_path, read_json, write_json
 
 
@@ -57,12 +63,54 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def model_input(images: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-    """Images as a network takes them: float on `device`, size x size (antialiased bilinear, so a
-    downscale does not alias), channels-last on CUDA, where convolutions run fastest on NHWC."""
+def check_input_geometry(config, method: str, multiple: int = 1, why: str = "") -> None:
+    """Check a config's `image_size` (int, or [height, width]: stored as a tuple, since JSON gives
+    lists) and `resize`; ValueError naming the method, the option and the nearest valid sizes when
+    a side is not a multiple of `multiple` (what the method's networks need, `why`)."""
+    rows, cols = image_shape(config.image_size)
+    if isinstance(config.image_size, (list, tuple)):
+        config.image_size = (rows, cols)
+    if config.resize not in RESIZE_POLICIES:
+        raise ValueError(f"{method}: resize must be one of {list(RESIZE_POLICIES)}, got {config.resize!r}")
+    wrong = [(name, side) for name, side in (("height", rows), ("width", cols)) if side % multiple]
+    if wrong:
+        def nearest(side: int) -> str:
+            below, above = side // multiple * multiple, (side // multiple + 1) * multiple
+            return f"{below} or {above}" if below else f"{above}"
+        sides = "; ".join(f"{name} {side}: nearest valid {nearest(side)}" for name, side in wrong)
+        given = list(config.image_size) if isinstance(config.image_size, tuple) else config.image_size
+        raise ValueError(f"{method}: image_size {given} must be a multiple of {multiple} in height and width "
+                         f"({why}); {sides}")
+
+
+def input_side(size) -> float:
+    """The side of the square with as many pixels as `size` (an int, or [height, width]): what
+    settings given "at 256 px" scale with."""
+    rows, cols = image_shape(size)
+    return rows if rows == cols else (rows * cols) ** 0.5
+
+
+def top_k_mean(maps: torch.Tensor, k: int = 1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Image scores [B]: the mean of each map's k largest values (k = 1: its maximum), over the
+    `valid` pixels only when given (resized to the map's grid), so padding never scores."""
+    flat = maps.flatten(1)
+    if valid is not None:
+        if valid.shape[-2:] != maps.shape[-2:]:
+            valid = F.interpolate(valid[:, None].float(), size=maps.shape[-2:], mode="nearest")[:, 0] > 0.5
+        valid = valid.to(maps.device).flatten(1)
+        flat = flat.masked_fill(~valid, float("-inf"))
+        k = min(k, int(valid.sum(1).min()))
+    return flat.topk(max(1, min(k, flat.shape[1])), dim=1).values.mean(1)
+
+
+def model_input(images: torch.Tensor, size, device: torch.device) -> torch.Tensor:
+    """Images as a network takes them: float on `device`, at `size` (int: square, or [height,
+    width]; antialiased bilinear, so a downscale does not alias), channels-last on CUDA, where
+    convolutions run fastest on NHWC."""
     images = images.to(device).float()
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    shape = image_shape(size)
+    if images.shape[-2:] != shape:
+        images = F.interpolate(images, size=shape, mode="bilinear", align_corners=False, antialias=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images
@@ -123,14 +171,19 @@ class AnomalyMethod:
             progress: bool = True) -> dict[str, Any]:
         raise NotImplementedError
 
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def predict_parts(self, images: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """`predict` plus the named image scores a method fuses into its score (BVPN: structural,
         logical), so evaluations can say which part found what; none by default."""
-        scores, maps = self.predict(images)
+        scores, maps = self.predict(images, valid)
         return scores, maps, {}
+
+    def image_dataset(self, manifest) -> ImageDataset:
+        """The rows of `manifest` as this model sees them: its `image_size` and `resize` policy."""
+        return ImageDataset(manifest, self.config.image_size, self.config.resize)
 
     # -- persistence ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -187,16 +240,24 @@ class AnomalyMethod:
     def predict_dataset(self, dataset: Dataset, batch_size: int = 8, progress: bool = True,
                         desc: str = "predict") -> dict[str, Any]:
         """Scores and maps for a whole dataset, with labels, masks, timing and the method's score
-        parts (`predict_parts`), as numpy arrays."""
+        parts (`predict_parts`), as numpy arrays. Maps come back in the masks' frame: padding
+        (`keep_aspect`) is cut off and the content resized to it (`loading.restore_map`)."""
         out: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [],
                                 "defect_types": []}
         parts: dict[str, list] = {}
         seconds = 0.0
         for batch in tqdm(image_batches(dataset, batch_size), desc=desc, disable=not progress, leave=False):
             start = time.perf_counter()
-            scores, maps, named = self.predict_parts(batch["image"])
+            images, boxes = batch["image"], batch["box"]
+            size = tuple(images.shape[-2:])
+            padded = bool((boxes != torch.tensor([0, 0, *size])).any())
+            valid = content_mask(boxes, size) if padded else None
+            scores, maps, named = self.predict_parts(images, valid)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            if padded:  # back to the image's own geometry, in the frame its mask was loaded in
+                maps = torch.from_numpy(np.stack([restore_map(m, box, *batch["mask"].shape[-2:])
+                                                  for m, box in zip(maps.float().cpu().numpy(), boxes)]))
             seconds += time.perf_counter() - start
             for name, values in named.items():
                 parts.setdefault(name, []).append(values.float().cpu().numpy())

@@ -9,12 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ad_models.methods.base import AnomalyMethod, image_batches, resolve_device, timed
+from ad_models.data.loading import image_shape
+from ad_models.methods.base import (AnomalyMethod, check_input_geometry, image_batches, resolve_device, timed,
+                                    top_k_mean)
 
 
 @dataclass
 class MeanImageConfig:
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # or [height, width]
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+
+    def __post_init__(self):
+        check_input_geometry(self, "mean_image")
 
 
 class MeanImage(AnomalyMethod):
@@ -25,12 +31,11 @@ class MeanImage(AnomalyMethod):
 
     def __init__(self, config: MeanImageConfig | dict | None = None, pretrained_backbones: bool = True):
         super().__init__(config, pretrained_backbones)
-        size = self.config.image_size
         self.net = nn.Module()
-        self.net.register_buffer("mean", torch.zeros(1, 3, size, size))
+        self.net.register_buffer("mean", torch.zeros(1, 3, *image_shape(self.config.image_size)))
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        size = (self.config.image_size,) * 2
+        size = image_shape(self.config.image_size)
         images = images.to(self.device).float()
         return images if images.shape[-2:] == size else F.interpolate(images, size=size, mode="bilinear",
                                                                       align_corners=False, antialias=True)
@@ -46,7 +51,7 @@ class MeanImage(AnomalyMethod):
         return {"train_images": len(train), "train_seconds": t["seconds"]}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         maps = (self._resize(images) - self.net.mean).pow(2).sum(1).sqrt()
         maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        return maps.flatten(1).amax(1), maps
+        return top_k_mean(maps, 1, valid), maps

@@ -96,9 +96,10 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, BackboneWeightsError, FeatureExtractor, first_available_network
 from ad_models.defects import DefectSynthesizer, color_jitter
+from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, optimizer_step, resolve_device,
-                                    seed_everything, step_phase)
+                                    check_input_geometry, images_in_memory, model_input, optimizer_step,
+                                    resolve_device, seed_everything, step_phase, top_k_mean)
 from ad_models.methods.bvpn_logical import LogicalModule
 from ad_models.methods.losses import ssim
 
@@ -114,7 +115,8 @@ LOSS_COLUMNS = ["st", "ae", "stae", "ssim"]
 
 @dataclass
 class BVPNConfig:
-    image_size: int = 256  # a multiple of 32
+    image_size: int | tuple[int, int] = 256  # a multiple of 32; or [height, width] of them
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
     channels: int = 384  # output channels of every network (release: 384)
     widths: tuple[int, int] = (256, 512)  # Central / Para-central hidden widths (release)
     ae_width: int = 64  # the autoencoders' width (release: 64; first layers half of it)
@@ -165,8 +167,7 @@ class BVPNConfig:
         self.widths, self.map_quantiles = tuple(self.widths), tuple(self.map_quantiles)
         if isinstance(self.distill_network, dict) and "out_indices" in self.distill_network:
             self.distill_network = {**self.distill_network, "out_indices": tuple(self.distill_network["out_indices"])}
-        if self.image_size % 32 or self.image_size < 32:
-            raise ValueError(f"image_size must be a multiple of 32 (AE-3 halves it five times), got {self.image_size}")
+        check_input_geometry(self, "bvpn", 32, "AE-3 halves it five times")
         if len(self.widths) != 2 or min(self.widths) < 1 or min(self.channels, self.ae_width) < 2:
             raise ValueError(f"widths needs two positive widths (release: 256, 512), channels and ae_width at "
                              f"least 2; got widths={list(self.widths)}, channels={self.channels}, "
@@ -253,16 +254,27 @@ class ParaCentralNet(nn.Module):
         return self.projection(self.layers(x))  # nn.Linear acts on the last (width) axis
 
 
-def scaled(size: int, image_size: int) -> int:
-    """One of the release's fixed Upsample sizes (for 256 px inputs) at `image_size`."""
-    return max(1, round(size * image_size / 256))
+def _like(sides: tuple[int, int], image_size) -> int | tuple[int, int]:
+    # an int for a square image_size, so the modules of square models stay as they were
+    return tuple(sides) if isinstance(image_size, (list, tuple)) else sides[0]
+
+
+def scaled(size: int, image_size) -> int | tuple[int, int]:
+    """One of the release's fixed Upsample sizes (for 256 px inputs) at `image_size` (int, or
+    [height, width]: each side scaled by its own length)."""
+    return _like([max(1, round(size * side / 256)) for side in image_shape(image_size)], image_size)
+
+
+def quarter(image_size) -> int | tuple[int, int]:
+    """The output grid of the student-teacher maps: image_size / 4 per side."""
+    return _like([side // 4 for side in image_shape(image_size)], image_size)
 
 
 class AutoEncoder7(nn.Module):
     """Sec. 2.3, AE-7: 7 x 7 kernels; bottleneck 3 x 3 at 256 px; Upsample to 32, 63, 127 (scaled)
     then to the output grid image_size / 4."""
 
-    def __init__(self, channels: int = 384, width: int = 64, image_size: int = 256):
+    def __init__(self, channels: int = 384, width: int = 64, image_size: int | tuple[int, int] = 256):
         super().__init__()
         half = width // 2
         self.encoder = nn.Sequential(
@@ -275,7 +287,7 @@ class AutoEncoder7(nn.Module):
             stages += [nn.Upsample(size=scaled(size, image_size), mode="bilinear"),
                        nn.Conv2d(width, width, 7, padding=4), nn.ReLU(), nn.Dropout(0.2)]
         self.decoder = nn.Sequential(
-            *stages, nn.Upsample(size=image_size // 4, mode="bilinear"),
+            *stages, nn.Upsample(size=quarter(image_size), mode="bilinear"),
             nn.Conv2d(width, width, 7, padding=3), nn.ReLU(), nn.Conv2d(width, channels, 7, padding=3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,20 +299,20 @@ class AutoEncoder3(nn.Module):
     is image_size / 32 (8 at 256) so the bottleneck is 1 x 1; Upsample to 3, 8, 15, 32, 63, 127
     (scaled), then to image_size / 4."""
 
-    def __init__(self, channels: int = 384, width: int = 64, image_size: int = 256):
+    def __init__(self, channels: int = 384, width: int = 64, image_size: int | tuple[int, int] = 256):
         super().__init__()
         half = width // 2
         widths = [3, half, half, width, width, width]
         encoder = []
         for cin, cout in zip(widths[:-1], widths[1:]):
             encoder += [nn.Conv2d(cin, cout, 3, 2, 1), nn.ReLU()]
-        self.encoder = nn.Sequential(*encoder, nn.Conv2d(width, width, image_size // 32))
+        self.encoder = nn.Sequential(*encoder, nn.Conv2d(width, width, tuple(s // 32 for s in image_shape(image_size))))
         stages = []
         for size in (3, 8, 15, 32, 63, 127):
             stages += [nn.Upsample(size=scaled(size, image_size), mode="bilinear"),
                        nn.Conv2d(width, width, 3, padding=2), nn.ReLU(), nn.Dropout(0.2)]
         self.decoder = nn.Sequential(
-            *stages, nn.Upsample(size=image_size // 4, mode="bilinear"),
+            *stages, nn.Upsample(size=quarter(image_size), mode="bilinear"),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +328,7 @@ class BVPNNet(nn.Module):
         super().__init__()
         c = cfg.channels
         self.teacher = CentralNet(c, cfg.widths).requires_grad_(False)
-        self.para = ParaCentralNet(c, cfg.widths, cfg.image_size // 4)
+        self.para = ParaCentralNet(c, cfg.widths, image_shape(cfg.image_size)[1] // 4)  # the map's width
         self.central = CentralNet(c, cfg.widths)
         self.ae7 = AutoEncoder7(c, cfg.ae_width, cfg.image_size)
         self.ae3 = AutoEncoder3(c, cfg.ae_width, cfg.image_size)
@@ -418,11 +430,11 @@ def load_central_net(net: CentralNet, path: str) -> None:
     net.load_state_dict(remapped)
 
 
-def distill_target(features: list[torch.Tensor], grid: int, channels: int) -> torch.Tensor:
-    """The offline teacher's regression target [B, channels, grid, grid] from backbone maps: each
+def distill_target(features: list[torch.Tensor], grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """The offline teacher's regression target [B, channels, *grid] from backbone maps: each
     bilinearly resized to the grid, averaged over 3 x 3 neighbourhoods, concatenated, then
     adaptive-average-pooled over channels (EfficientAD's pretraining recipe)."""
-    levels = [F.avg_pool2d(F.interpolate(f.float(), size=(grid, grid), mode="bilinear", align_corners=False),
+    levels = [F.avg_pool2d(F.interpolate(f.float(), size=grid, mode="bilinear", align_corners=False),
                            3, 1, 1, count_include_pad=False) for f in features]
     x = torch.cat(levels, 1)
     b, d, h, w = x.shape
@@ -480,8 +492,8 @@ class BVPN(AnomalyMethod):
         backbone = FeatureExtractor(BackboneConfig.from_dict(cfg.distill_network)).to(self.device)
         self.provenance["teacher"] = (f"distilled here from {backbone.config.name} ({backbone.weights_source}) "
                                       f"on {len(images)} training images, {cfg.distill_iterations} iterations")
-        grid = cfg.image_size // 4
-        big = cfg.image_size * cfg.distill_scale
+        grid = quarter(cfg.image_size)
+        big = [side * cfg.distill_scale for side in image_shape(cfg.image_size)]
 
         def target(x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad(), autocast(self.device, cfg.amp):
@@ -610,8 +622,7 @@ class BVPN(AnomalyMethod):
         return scores.float().std(unbiased=False).cpu().maximum(0.1 * scores.float().mean().abs().cpu() + 1e-6)
 
     def _structural(self, small_maps: torch.Tensor) -> torch.Tensor:
-        size = self.config.image_size
-        return F.interpolate(small_maps[:, None], size=(size, size), mode="bilinear",
+        return F.interpolate(small_maps[:, None], size=image_shape(self.config.image_size), mode="bilinear",
                              align_corners=False)[:, 0].flatten(1).amax(1).cpu()
 
     # -- training ---------------------------------------------------------------------------------
@@ -695,9 +706,10 @@ class BVPN(AnomalyMethod):
 
     # -- inference --------------------------------------------------------------------------------
     @torch.no_grad()
-    def score_parts(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score_parts(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The standardised structural and logical image scores [B], their fusion `score` [B]
-        (what `predict` returns) and the structural map [B, H, W] at the input resolution."""
+        (what `predict` returns) and the structural map [B, H, W] at the input resolution; the
+        structural score over the `valid` pixels only when given (the logical one sees the image)."""
         cfg, net = self.config, self.net
         net.eval()
         height, width = images.shape[-2:]
@@ -705,10 +717,10 @@ class BVPN(AnomalyMethod):
         with autocast(self.device, cfg.amp):
             m_st, m_ae = net.raw_maps(x)
         small = net.combine(m_st.float(), m_ae.float())
-        size = cfg.image_size
-        maps = F.interpolate(small[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = F.interpolate(small[:, None], size=image_shape(cfg.image_size), mode="bilinear",
+                             align_corners=False)[:, 0]
         mu_s, sd_s, mu_l, sd_l = net.fusion.tolist()
-        structural = (maps.flatten(1).amax(1) - mu_s) / sd_s
+        structural = (top_k_mean(maps, 1, valid) - mu_s) / sd_s
         parts = {"structural": structural}
         score = structural
         if self.logical is not None:
@@ -720,12 +732,13 @@ class BVPN(AnomalyMethod):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return {**parts, "score": score, "map": maps}
 
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.score_parts(images)
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.score_parts(images, valid)
         return parts["score"], parts["map"]
 
-    def predict_parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        parts = self.score_parts(images)
+    def predict_parts(self, images: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        parts = self.score_parts(images, valid)
         return parts.pop("score"), parts.pop("map"), parts
 
     # -- persistence --------------------------------------------------------------------------------

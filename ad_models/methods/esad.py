@@ -107,9 +107,10 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import grid_cell_sizes, grid_masks, stroke_masks
+from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, optimizer_step, resolve_device,
-                                    seed_everything, step_phase)
+                                    check_input_geometry, images_in_memory, model_input, optimizer_step,
+                                    resolve_device, seed_everything, step_phase, top_k_mean)
 from ad_models.methods.losses import ssim
 
 FEATURE_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
@@ -122,7 +123,8 @@ LOSS_COLUMNS = ["px_inpaint", "px_rec", "ssim_inpaint", "ssim_rec", "msgms", "fe
 
 @dataclass
 class ESADConfig:
-    image_size: int = 256  # spec: 256 x 256
+    image_size: int | tuple[int, int] = 256  # spec: 256 x 256; or [height, width]
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)  # inferred: base 32, doubled per level
     groups: int = 4  # inferred: groups of the feature block's group conv
     mask_channel: bool = True  # G1 sees the hidden mask as a 4th channel (spec proposal)
@@ -155,8 +157,7 @@ class ESADConfig:
             raise ValueError(f"widths: the encoder has five layers, got {list(self.widths)}")
         if self.groups < 1 or any(w % self.groups for w in self.widths):
             raise ValueError(f"every width must be a multiple of groups={self.groups}, got {list(self.widths)}")
-        if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16 (four 2x2 poolings), got {self.image_size}")
+        check_input_geometry(self, "esad", 16, "four 2x2 poolings")
         if self.train_masks not in ("grid", "stroke"):
             raise ValueError(f"train_masks must be 'grid' or 'stroke', not {self.train_masks!r}")
         if self.test_fill not in TEST_FILLS + ("auto",):
@@ -346,19 +347,19 @@ class ESAD(AnomalyMethod):
         return self.net.reconstruct(torch.cat([filled, images], 1) if self.config.g2_sees_input else filled)
 
     def _cells(self, sizes: tuple[int, ...]) -> list[int]:
-        size = self.config.image_size
-        return list(dict.fromkeys(grid_cell_sizes(size, size, sizes)))  # small images may merge sizes
+        # small images may merge sizes
+        return list(dict.fromkeys(grid_cell_sizes(*image_shape(self.config.image_size), sizes)))
 
     def _train_masks(self, b: int, generator: torch.Generator) -> torch.Tensor:
         """[B, 1, H, W], 1 = hidden: per sample one random cell size and one of its n grid masks."""
-        size, n = self.config.image_size, self.config.n_masks
+        (rows, cols), n = image_shape(self.config.image_size), self.config.n_masks
         if self.config.train_masks == "stroke":
-            hidden = stroke_masks(b, size, size, generator)
+            hidden = stroke_masks(b, rows, cols, generator)
         else:
             cells = self._cells(self.config.cell_sizes)
             picks = torch.randint(len(cells), (b,), generator=generator)
             which = torch.randint(n, (b,), generator=generator)
-            hidden = torch.stack([grid_masks(size, size, cells[int(k)], n, generator)[int(i)]
+            hidden = torch.stack([grid_masks(rows, cols, cells[int(k)], n, generator)[int(i)]
                                   for k, i in zip(picks, which)])
         return hidden[:, None].to(self.device)
 
@@ -431,7 +432,7 @@ class ESAD(AnomalyMethod):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         self.net.eval()
         height, width = images.shape[-2:]
@@ -451,5 +452,5 @@ class ESAD(AnomalyMethod):
         maps = gaussian_smooth(torch.stack(maps).mean(0), cfg.smoothing_sigma)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        scores = maps.flatten(1).topk(min(cfg.score_top_k, height * width), dim=1).values.mean(1)
+        scores = top_k_mean(maps, cfg.score_top_k, valid)
         return scores, maps

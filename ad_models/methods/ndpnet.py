@@ -65,9 +65,10 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectSynthesizer
+from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, optimizer_step, resolve_device,
-                                    seed_everything, step_phase)
+                                    check_input_geometry, images_in_memory, model_input, optimizer_step,
+                                    resolve_device, seed_everything, step_phase, top_k_mean)
 
 PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
     "vgg16": {"name": "vgg16.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -77,7 +78,8 @@ PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the
 
 @dataclass
 class NDPNetConfig:
-    image_size: int = 256  # paper: 256 x 256
+    image_size: int | tuple[int, int] = 256  # paper: 256 x 256; or [height, width]
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
     widths: tuple[int, ...] = (32, 64, 128, 256, 256)  # inferred: the paper gives no widths
     patch_sizes: tuple[int, ...] = (2, 4)  # RBFRM's K
     ffm_kernel: int = 5  # m
@@ -109,9 +111,8 @@ class NDPNetConfig:
         if len(self.widths) != 5:
             raise ValueError(f"widths: the encoder has five layers, got {list(self.widths)}")
         multiple = 16 * max(self.patch_sizes)  # layer 5 (1/16) must split into K x K patches
-        if self.image_size % multiple:
-            raise ValueError(f"image_size must be a multiple of {multiple} (1/16 resolution split into "
-                             f"{max(self.patch_sizes)} x {max(self.patch_sizes)} patches), got {self.image_size}")
+        check_input_geometry(self, "ndpnet", multiple, f"1/16 resolution split into {max(self.patch_sizes)} x "
+                                                      f"{max(self.patch_sizes)} patches")
         if self.ffm_kernel <= max(self.patch_sizes):
             raise ValueError("ffm_kernel m must be larger than the largest patch size K (paper Sec. III-C2)")
         if len(self.scale_weights) != 3:
@@ -228,7 +229,7 @@ class NDPNetwork(nn.Module):
                                         cfg.repair_temperature) for w in cfg.widths[2:])
         self.decoder = Decoder(cfg.widths)
         self.msdsm = MSDSM(cfg.widths)
-        self.register_buffer("reference", torch.zeros(cfg.references, 3, cfg.image_size, cfg.image_size))
+        self.register_buffer("reference", torch.zeros(cfg.references, 3, *image_shape(cfg.image_size)))
 
     def repair(self, features: list[torch.Tensor], ref_features: list[torch.Tensor]) -> list[torch.Tensor]:
         """RBAM outputs at layers 3-5."""
@@ -470,7 +471,7 @@ class NDPNet(AnomalyMethod):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.net.eval()
         height, width = images.shape[-2:]
         x = self._resize(images)
@@ -481,4 +482,4 @@ class NDPNet(AnomalyMethod):
         maps = smooth_map(self._fuse(logits, x.shape[-2:]), self.config.smoothing)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        return maps.flatten(1).amax(1), maps
+        return top_k_mean(maps, 1, valid), maps

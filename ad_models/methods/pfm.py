@@ -34,8 +34,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, FeatureExtractor
-from ad_models.methods.base import (AnomalyMethod, autocast, image_batches, optimizer_step, resolve_device,
-                                    seed_everything, step_phase)
+from ad_models.data.loading import image_shape
+from ad_models.methods.base import (AnomalyMethod, autocast, check_input_geometry, image_batches, optimizer_step,
+                                    resolve_device, seed_everything, step_phase, top_k_mean)
 
 
 @dataclass
@@ -49,7 +50,8 @@ class PFMConfig:
     weight_decay: float = 1e-5
     epochs: int = 200
     batch_size: int = 8
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # or [height, width]: a multiple of the deepest feature stride
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
     fusion: str = "add"  # "add" (mean of levels) or "multiply" (product, PEFM's option)
     position_encoding: bool = False  # PEFM's fixed 2-D sin/cos encoding added to projector inputs
     seed: int = 888
@@ -61,6 +63,7 @@ class PFMConfig:
             raise ValueError(f"fusion must be 'add' or 'multiply', not {self.fusion!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
+        check_input_geometry(self, "pfm")  # the stride multiple is the backbones': PFM.__init__
 
 
 def latent_widths(ratios, source_channels, target_channels) -> list[int]:
@@ -161,6 +164,8 @@ class PFM(AnomalyMethod):
             raise ValueError(f"need one latent width and one lr per level ({len(source.channels)} levels), "
                              f"got latent={latent}, lrs={list(cfg.lrs)}")
         self.latent_dims = latent
+        # feature cells must tile the input, else maps shift by part of a cell against the image
+        check_input_geometry(cfg, self.name, max(source.reductions), f"{source.config.name}'s deepest stride")
         with torch.random.fork_rng(devices=[]):  # same seed, same initial projectors
             torch.manual_seed(cfg.seed)
             self.net = PFMNet(source, target, latent, cfg.position_encoding)
@@ -168,7 +173,8 @@ class PFM(AnomalyMethod):
 
     # -- training ------------------------------------------------------------------------------
     def _feature_bytes_per_image(self) -> int:
-        positions = [(self.config.image_size // r) ** 2 for r in self.net.source.reductions]
+        rows, cols = image_shape(self.config.image_size)
+        positions = [(rows // r) * (cols // r) for r in self.net.source.reductions]
         channels = [cs + ct for cs, ct in zip(self.net.source.channels, self.net.target.channels)]
         return 4 * sum(p * c for p, c in zip(positions, channels))
 
@@ -182,9 +188,9 @@ class PFM(AnomalyMethod):
 
     def _features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         images = images.to(self.device)
-        if images.shape[-1] != self.config.image_size or images.shape[-2] != self.config.image_size:
-            images = F.interpolate(images, size=(self.config.image_size,) * 2, mode="bilinear",
-                                   align_corners=False, antialias=True)
+        shape = image_shape(self.config.image_size)
+        if images.shape[-2:] != shape:
+            images = F.interpolate(images, size=shape, mode="bilinear", align_corners=False, antialias=True)
         images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.config.amp):
             return self.net.features(images)
@@ -233,7 +239,7 @@ class PFM(AnomalyMethod):
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self.net.eval()
         height, width = images.shape[-2:]
         fs, ft = self._features(images)
@@ -246,4 +252,4 @@ class PFM(AnomalyMethod):
                                                 align_corners=False)[:, 0])
         stacked = torch.stack(level_maps)
         maps = stacked.mean(0) if self.config.fusion == "add" else stacked.prod(0)
-        return maps.flatten(1).amax(1), maps  # image score = max of the map, no smoothing (as official)
+        return top_k_mean(maps, 1, valid), maps  # image score = max of the map, no smoothing (as official)

@@ -77,9 +77,10 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import FeatureExtractor, first_available_network
 from ad_models.defects import DefectConfig, DefectMixture, color_jitter
+from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
-                                    images_in_memory, model_input, optimizer_step, resolve_device,
-                                    seed_everything, step_phase)
+                                    check_input_geometry, images_in_memory, input_side, model_input,
+                                    optimizer_step, resolve_device, seed_everything, step_phase, top_k_mean)
 
 ENCODERS = {  # name -> backbone; "auto" tries the paper's ResNet-18 first, then the offline network
     "resnet18": {"name": "resnet18.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -92,7 +93,8 @@ LOSS_COLUMNS = ["focal", "l1", "aux_l1"]
 
 @dataclass
 class SLSGConfig:
-    image_size: int = 256
+    image_size: int | tuple[int, int] = 256  # or [height, width]
+    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
     encoder: Any = "auto"  # "auto", a name of ENCODERS, or a backbone dict
     decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 32)  # d1, d2, d3, d4 (Sec. 2.4)
     aux_width: int = 32  # the auxiliary head's features, fed into the decoder at 1/4 and 1/2
@@ -133,8 +135,7 @@ class SLSGConfig:
     def __post_init__(self):
         for name in ("decoder_widths", "texture_beta", "scar_beta", "shuffle_grid"):
             setattr(self, name, tuple(getattr(self, name)))
-        if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16 (the graph works at 1/16), got {self.image_size}")
+        check_input_geometry(self, "slsg", 16, "the graph works at 1/16")
         if len(self.decoder_widths) != 4 or min(self.decoder_widths) < 1:
             raise ValueError(f"decoder_widths needs four positive widths (d1..d4), got {list(self.decoder_widths)}")
         if self.position_term not in POSITION_TERMS:
@@ -371,11 +372,11 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float) -> torch
     return (-(1 - pt).pow(gamma) * pt.log()).mean()
 
 
-def patch_masks(n: int, size: int, patch: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """[n, 1, size, size], 1 = hidden: a random share `ratio` of the patch x patch squares."""
-    cells = max(1, size // patch)
-    hidden = (torch.rand((n, 1, cells, cells), generator=generator) < ratio).float()
-    return F.interpolate(hidden, size=(size, size), mode="nearest")
+def patch_masks(n: int, shape: tuple[int, int], patch: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """[n, 1, height, width], 1 = hidden: a random share `ratio` of the patch x patch squares."""
+    rows, cols = shape
+    hidden = (torch.rand((n, 1, max(1, rows // patch), max(1, cols // patch)), generator=generator) < ratio).float()
+    return F.interpolate(hidden, size=(rows, cols), mode="nearest")
 
 
 # ------------------------------------------------------------------------------------- method
@@ -398,7 +399,7 @@ class SLSG(AnomalyMethod):
         return model_input(images, self.config.image_size, self.device)
 
     def top_k(self) -> int:
-        return max(1, round(self.config.score_top_k * (self.config.image_size / 256) ** 2))
+        return max(1, round(self.config.score_top_k * (input_side(self.config.image_size) / 256) ** 2))
 
     # -- training -----------------------------------------------------------------------------
     def pretrain(self, images: TrainingImages, generator: torch.Generator, progress: bool) -> list[float]:
@@ -409,7 +410,7 @@ class SLSG(AnomalyMethod):
         decoder = PretrainDecoder(encoder.channels).to(self.device)
         encoder.requires_grad_(True)
         optimizer = torch.optim.Adam(list(encoder.parameters()) + list(decoder.parameters()), lr=cfg.pretrain_lr)
-        patch = max(1, round(cfg.pretrain_patch * cfg.image_size / 256))
+        patch = max(1, round(cfg.pretrain_patch * input_side(cfg.image_size) / 256))
         mean = encoder.features.mean  # hidden pixels -> the ImageNet mean: zero after normalisation
         losses = []
         decoder.train()
@@ -418,7 +419,7 @@ class SLSG(AnomalyMethod):
                 with step_phase("data"):
                     idx = torch.randint(len(images), (cfg.batch_size,), generator=generator)
                     x = self._resize(images.batch(idx))
-                    hidden = patch_masks(len(x), cfg.image_size, patch, cfg.pretrain_mask_ratio,
+                    hidden = patch_masks(len(x), image_shape(cfg.image_size), patch, cfg.pretrain_mask_ratio,
                                          generator).to(self.device, non_blocking=True)
                 with step_phase("forward"):
                     with autocast(self.device, cfg.amp):
@@ -486,14 +487,14 @@ class SLSG(AnomalyMethod):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         self.net.eval()
         height, width = images.shape[-2:]
         with autocast(self.device, cfg.amp):
             out, _ = self.net(self._resize(images))
         maps = torch.softmax(out.float(), 1)[:, 1]
-        scores = maps.flatten(1).topk(min(self.top_k(), maps[0].numel()), dim=1).values.mean(1)
+        scores = top_k_mean(maps, self.top_k(), valid)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return scores, maps
