@@ -6,8 +6,8 @@
     python bench/bench_methods.py --methods ndpnet pfm --method-config '{"ndpnet": {"phase1_epochs": 40}}'
 
 Prepares each dataset and its synthetic defect bank under bench/results/ (not data/: benchmarks
-never touch the pipeline's outputs), trains with ad_models.runs.train (bank held out, thresholds
-calibrated on it), evaluates with ad_models.runs.evaluate, and prints one row per
+never touch the pipeline's outputs), trains with ad_models.runs.train (bank held out), evaluates
+with ad_models.runs.evaluate (thresholds set on the bank by the default decision policy), and prints one row per
 (dataset/category, method, epochs) plus a JSON file with everything. `--epochs` sets the `epochs`
 option of the methods that have one; `--method-config` sets anything else per method.
 """

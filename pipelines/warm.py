@@ -128,6 +128,9 @@ def _handle(conn: socket.socket) -> int:
 
 def serve(path: str | os.PathLike, ready_fd: int | None = None) -> None:
     """Import everything a command needs, then fork a handler per connection until SIGTERM."""
+    # `warm` stops the server with SIGTERM: a disposition inherited as ignored (a supervisor, a test
+    # runner's worker) would leave it, and `warm` waiting for it, running forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for module in PRELOAD:
         importlib.import_module(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

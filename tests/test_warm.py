@@ -2,6 +2,7 @@
 run history as cold ones, and a command whose caller goes away is stopped."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -57,6 +58,14 @@ def test_without_a_server_adpipe_runs_the_command_itself(tmp_path):
     done = subprocess.run([str(BIN / "adpipe"), "--params", str(params), "partitions"], cwd=tmp_path,
                           env={**ENV, "ADPIPE_SERVER": str(tmp_path / "gone.sock")}, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("categories: synthetic/fabric")
+
+
+def test_warm_ends_when_started_with_sigterm_ignored(tmp_path):
+    """A supervisor or a test runner's worker may hand SIGTERM down as ignored: `warm` still stops its
+    server (with SIGTERM) when the command is done, instead of waiting for it forever."""
+    done = subprocess.run([str(BIN / "adpipe"), "warm", "--", "true"], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_a_command_whose_caller_is_killed_is_stopped(tmp_path):
