@@ -31,6 +31,7 @@ from ad_models.defects.bank import read_bank
 from ad_models.deploy import score_sets, validation_sets
 from ad_models.io import atomic_dir, read_json, write_json
 from ad_models.methods import create_method, load_method
+from ad_models.methods.base import describe_device
 from ad_models.thresholds import DecisionPolicy, choose_thresholds, decisions_on
 
 CALIBRATION = "calibration.json"
@@ -75,7 +76,8 @@ def train(method: str, config: dict | None, dataset_dir: str | os.PathLike, out_
     log = model.fit(model.image_dataset(train_rows), valid_set, device=device, progress=progress)
     counts = split_counts(manifest)
     counts.update(train=len(train_rows), held_out_for_bank=len(held_out))
-    log.update(method=method, budget=budget, compile=compile, dataset_dir=str(dataset_dir), counts=counts,
+    log.update(method=method, budget=budget, compile=compile, device=describe_device(model.device),
+               dataset_dir=str(dataset_dir), counts=counts,
                provenance=model.provenance, training_data_version=training_data_version(dataset_dir))
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
@@ -218,8 +220,8 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
     result.update(
         method=model.name, budget=model.budget, image_size=size, n_test=int(len(labels)),
         n_good=int((labels == 0).sum()), n_defective=int((labels == 1).sum()), image_auroc_per_defect_type=per_defect,
-        train_seconds=float(training_log.get("train_seconds", float("nan"))),
-        inference_ms_per_image=1000 * pred["seconds_per_image"], device=str(model.device))
+        train_seconds=float(training_log.get("train_seconds", float("nan"))), train_device=training_log.get("device"),
+        inference_ms_per_image=1000 * pred["seconds_per_image"], device=describe_device(model.device))
 
     maps = pred["maps"]
     lo, hi = float(maps.min()), float(np.quantile(maps[:, ::4, ::4], 0.999))

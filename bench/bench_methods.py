@@ -9,7 +9,10 @@ Prepares each dataset and its synthetic defect bank under bench/results/ (not da
 never touch the pipeline's outputs), trains with ad_models.runs.train (bank held out), evaluates
 with ad_models.runs.evaluate (thresholds set on the bank by the default decision policy), and prints one row per
 (dataset/category, method, epochs) plus a JSON file with everything. `--epochs` sets the `epochs`
-option of the methods that have one; `--method-config` sets anything else per method.
+option of the methods that have one; `--method-config` sets anything else per method. Ends with the
+HTML report over the last evaluation of each model (bench/results/report/report.html) and, where
+Chromium and Playwright are installed, the page as a browser renders it (report.png) and what failed
+to load on it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from ad_models import metrics, runs  # noqa: E402
 from ad_models.data.sources import mvtec_loco, prepare_category, synthetic  # noqa: E402
 from ad_models.defects.bank import build_bank  # noqa: E402
 from ad_models.methods import method_class  # noqa: E402
+from ad_models.report import EvalEntry, build_report  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOGICAL_DEFECT_TYPES = set(synthetic.LOGICAL_DEFECT_TYPES) | set(mvtec_loco.VIEWS["logical"])
@@ -78,7 +82,7 @@ def main() -> None:
     if args.magnetic_tile:
         datasets.append(("magnetic_tile", "tile", {"source_dir": args.magnetic_tile,
                                                    "limit_per_kind": args.limit_per_kind}))
-    rows = []
+    rows, entries = [], {}
     header = (f"{'dataset/category':24} {'method':10} {'ep':>4} {'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7} "
               f"{'F1max':>6} {'F1@thr':>6} {'good ok':>7} {'train s':>8} {'img/s':>7}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -109,6 +113,7 @@ def main() -> None:
                        "train_seconds": log["train_seconds"],
                        "images_per_second": 1000.0 / result["inference_ms_per_image"]}
                 rows.append(row)
+                entries[(f"{source}/{category}", method)] = EvalEntry(f"{source}/{category}", method, eval_dir)
                 print(f"{row['dataset']:24} {method:10} {epochs:>4} {row['image_auroc']:>9.4f} "
                       f"{row['pixel_auroc']:>9.4f} {row['aupro']:>7.4f} {row['f1_max']:>6.3f} "
                       f"{row.get('f1_at_threshold', float('nan')):>6.3f} "
@@ -124,6 +129,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2, default=str))
     print(f"# written {out}")
+    report_dir = out.parent / "report"
+    build_report(list(entries.values()), report_dir, title="adpipe benchmark")
+    print(f"# report {report_dir / 'report.html'}; {browser_check(report_dir)}")
+
+
+def browser_check(report_dir: Path) -> str:
+    """The report rendered by headless Chromium: a screenshot beside it, and what did not load."""
+    from ad_models.report.browser import check_page, find_chromium
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "no browser check: pip install adpipe[browser]"
+    if find_chromium() is None:
+        return "no browser check: Chromium is not installed"
+    page = check_page(report_dir / "report.html", screenshot=report_dir / "report.png")
+    problems = page.broken_images + page.console_errors + page.failed_requests
+    return (f"rendered in Chromium: {page.images} images, "
+            f"{'all loaded, no errors' if page.ok else 'PROBLEMS: ' + '; '.join(problems)}; "
+            f"screenshot {report_dir / 'report.png'}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The HTML report: one self-contained file (figures inlined) from the evaluation folders.
 
+It opens with a leaderboard (categories x methods, the best of each category marked, means per
+method, what budget and device produced each row) and an accuracy-vs-cost chart, then one section
+per category: metrics, ROC curves, deployed models and their history, learning curves, galleries.
+
 Also writes what DVC reads: `metrics.json` ({category: {method: metrics}}) for `dvc metrics`, and
 one ROC CSV per (method, category) under `roc/` for `dvc plots`.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,10 @@ OPTIONAL_COLUMNS = [("auspro_0.05", "sPRO@0.05"), ("auspro_0.3", "sPRO@0.3"),
                     ("expected_false_alarm_rate", "false alarms expected"),
                     ("false_alarm_rate_at_threshold", "false alarms seen"), ("bank_recall", "bank recall")]
 LABEL_COLUMNS = [("budget", "budget")]  # what produced a row: text, not a DVC metric
+# the leaderboard: accuracy (higher is better) and cost (lower is better), one row per model
+LEADERBOARD_ACCURACY = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO@0.3"),
+                        ("f1_at_threshold", "F1 @ threshold"), ("good_pass_rate_at_threshold", "good passed")]
+LEADERBOARD_COST = [("train_seconds", "training s"), ("inference_ms_per_image", "ms / image")]
 DVC_METRICS = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "train_seconds", "inference_ms_per_image"]
 
 
@@ -108,8 +117,88 @@ def learning_curve_png(curve: pd.DataFrame, title: str) -> bytes:
     return buffer.getvalue()
 
 
+def _number(value) -> float | None:
+    """A metric as a float, None when it is missing or NaN (no masks: no pixel AUROC)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def best_method(by_method: dict[str, dict]) -> str | None:
+    """The method to deploy on a category by its test metrics: highest image AUROC, then AUPRO."""
+    ranked = [(_number(m.get("image_auroc")), _number(m.get("aupro")) or 0.0, method)
+              for method, m in by_method.items() if _number(m.get("image_auroc")) is not None]
+    return max(ranked)[2] if ranked else None
+
+
+def leaderboard(results: dict[str, dict[str, dict]]) -> dict:
+    """The report's first table from {category: {method: evaluation metrics}}: one row per model with
+    its accuracy and cost, the best value of each column within a category marked, the category's
+    best method starred, and per method the mean over the categories that have the figure."""
+    columns = [c for c in LEADERBOARD_ACCURACY + LEADERBOARD_COST
+               if any(_number(m.get(c[0])) is not None for by_method in results.values() for m in by_method.values())]
+    lower_is_better = {key for key, _ in LEADERBOARD_COST}
+    rows = []
+    for category, by_method in results.items():
+        best = {}
+        for key, _ in columns:
+            values = [v for v in (_number(m.get(key)) for m in by_method.values()) if v is not None]
+            if len(values) > 1:
+                best[key] = min(values) if key in lower_is_better else max(values)
+        starred = best_method(by_method) if len(by_method) > 1 else None
+        for i, (method, m) in enumerate(by_method.items()):
+            rows.append({"category": category, "category_rows": len(by_method) if i == 0 else 0,
+                         "anchor": _anchor(category), "method": method, "best": method == starred,
+                         "budget": m.get("budget") or "", "device": m.get("train_device") or m.get("device") or "",
+                         "cells": [{"text": _fmt(_number(m.get(key))),
+                                    "best": key in best and _number(m.get(key)) == best[key]} for key, _ in columns]})
+    means = []
+    for method in dict.fromkeys(method for by_method in results.values() for method in by_method):
+        cells = []
+        for key, _ in columns:
+            values = [v for v in (_number(by_method[method].get(key)) for by_method in results.values()
+                                  if method in by_method) if v is not None]
+            cells.append(_fmt(sum(values) / len(values)) if values else "n/a")
+        means.append({"method": method, "categories": sum(method in b for b in results.values()), "cells": cells})
+    return {"columns": [label for _, label in columns], "rows": rows, "means": means}
+
+
+def cost_figure(results: dict[str, dict[str, dict]]) -> str | None:
+    """Accuracy against cost, one point per model (colour: method): AUPRO and image AUROC against
+    training seconds and inference ms per image, costs on a log scale. None without costs."""
+    axes_spec = [(y, x) for y in ("aupro", "image_auroc") for x in ("train_seconds", "inference_ms_per_image")]
+    labels = dict(LEADERBOARD_ACCURACY + LEADERBOARD_COST)
+    points = [(method, m) for by_method in results.values() for method, m in by_method.items()]
+    if not any(_number(m.get(x)) for _, m in points for _, x in axes_spec):
+        return None
+    methods = list(dict.fromkeys(method for method, _ in points))
+    colours = {method: plt.get_cmap("tab10")(i % 10) for i, method in enumerate(methods)}
+    fig, axes = plt.subplots(2, 2, figsize=(7.2, 5.6), dpi=110, sharey="row")
+    for ax, (y, x) in zip(axes.flat, axes_spec):
+        for method in methods:
+            xy = [(_number(m.get(x)), _number(m.get(y))) for name, m in points if name == method]
+            xy = [(a, b) for a, b in xy if a and b is not None]
+            if xy:
+                ax.scatter(*zip(*xy), s=28, color=colours[method], label=method, alpha=0.85, edgecolors="none")
+        if ax.has_data():
+            ax.set_xscale("log")
+        ax.set(xlabel=labels[x], ylabel=labels[y] if ax in axes[:, 0] else None)
+        ax.grid(alpha=0.3, which="both", lw=0.5)
+    axes[0, 0].legend(fontsize=8, loc="best")
+    fig.suptitle("Accuracy against cost (one point per model; up and left is better)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return _png_data_uri(buffer.getvalue())
+
+
+def _anchor(category: str) -> str:
+    return "cat-" + "".join(c if c.isalnum() else "-" for c in category)
+
+
 def _fmt(value) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) <= 1.0 else f"{value:.1f}"
@@ -124,9 +213,11 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
         raise FileNotFoundError(f"evaluations missing (run the evaluation first): {', '.join(missing)}")
     all_metrics: dict[str, dict[str, dict]] = {}
     categories = []
-    for category in dict.fromkeys(e.category for e in entries):
+    results_by_category: dict[str, dict[str, dict]] = {}
+    for entry in entries:
+        results_by_category.setdefault(entry.category, {})[entry.method] = read_json(entry.folder / "metrics.json")
+    for category, results in results_by_category.items():
         rows, curves, galleries, learning = [], {}, [], []
-        results = {e.method: read_json(e.folder / "metrics.json") for e in entries if e.category == category}
         columns = [c for c in LABEL_COLUMNS if any(m.get(c[0]) for m in results.values())]
         columns += TABLE_COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c[0] in m for m in results.values())]
         for entry in (e for e in entries if e.category == category):
@@ -145,7 +236,8 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
                                  "uri": _png_data_uri(learning_curve_png(curve, f"{entry.method}: training"))})
         deployments = [d for d in (_deployment(e) for e in entries if e.category == category) if d]
         policy = next((m["decision_policy"] for m in results.values() if m.get("decision_policy")), None)
-        categories.append({"name": category, "policy": policy, "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
+        categories.append({"name": category, "anchor": _anchor(category), "policy": policy,
+                           "columns": [label for _, label in columns], "rows": rows, "roc": _roc_figure(curves, category),
                            "galleries": galleries, "defect_types": sorted({d for r in rows for d in r["per_defect"]}),
                            "deployments": deployments, "learning_curves": learning})
 
@@ -153,7 +245,8 @@ def build_report(entries: list[EvalEntry], out_dir: str | os.PathLike, title: st
                              autoescape=jinja2.select_autoescape(["html"]))
     html = env.get_template("report.html").render(
         title=title, generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        categories=categories, fmt=_fmt)
+        categories=categories, fmt=_fmt, leaderboard=leaderboard(results_by_category),
+        cost_chart=cost_figure(results_by_category))
 
     write_text(out_dir / "report.html", html)
     write_json(out_dir / "metrics.json", all_metrics)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from ad_models.report import EvalEntry, build_report
+from ad_models.report import EvalEntry, best_method, build_report
 from pipelines.execution import CPU_STEP
 from pipelines.metadata import markdown_table
 from pipelines.params import Params
@@ -18,7 +18,8 @@ def build(params: Params) -> dg.AssetsDefinition:
         p = adpipe.params
         entries = [EvalEntry(c, m, p.eval_dir(m, c), p.deploy_dir(m, c)) for c in p.categories for m in p.methods]
         metrics = build_report(entries, p.report_dir)
-        rows = [[c, m, v.get("image_auroc"), v.get("pixel_auroc"), v.get("aupro")]
+        rows = [[c, m + (" (best)" if m == best_method(by_method) and len(by_method) > 1 else ""),
+                 v.get("image_auroc"), v.get("pixel_auroc"), v.get("aupro")]
                 for c, by_method in metrics.items() for m, v in by_method.items()]
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(p.report_dir / "report.html")),
