@@ -158,10 +158,12 @@ def _gallery_indices(labels: np.ndarray, scores: np.ndarray, defect_types: list[
     return (chosen[: max(n - 1, 1)] + good[:1])[:n]
 
 
-def _loco_metrics(dataset_dir, test_rows: pd.DataFrame, pred: dict, size: int) -> dict[str, Any]:
+def _loco_metrics(dataset_dir, test_rows: pd.DataFrame, pred: dict) -> dict[str, Any]:
     """MVTec LOCO's own evaluation: AU-sPRO at FPR 0.05 and 0.3 and image AUROC, logical and
-    structural apart (their mean is the headline figure, as in the official script)."""
-    regions = [mvtec_loco.load_spro_regions(dataset_dir, m, size=size) for m in test_rows.mask_path]
+    structural apart (their mean is the headline figure, as in the official script). The regions
+    are read at the maps' size, whatever the model's `image_size` and `resize` policy."""
+    map_size = tuple(int(s) for s in pred["maps"].shape[-2:])
+    regions = [mvtec_loco.load_spro_regions(dataset_dir, m, size=map_size) for m in test_rows.mask_path]
     auspros = metrics.loco_auspros(pred["maps"], regions, pred["defect_types"], fpr_limits=(0.05, 0.3))
     aurocs = metrics.loco_image_aurocs(pred["labels"], pred["scores"], pred["defect_types"])
     out: dict[str, Any] = {f"auspro_{limit:g}": auspros["mean"][limit] for limit in (0.05, 0.3)}
@@ -206,7 +208,7 @@ def evaluate(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, out_d
         result["image_auroc_per_defect_type_per_score_part"] = {
             name: per_defect_type(labels, v, pred["defect_types"]) for name, v in parts.items()}
     if (Path(dataset_dir) / mvtec_loco.DEFECTS_CONFIG).is_file():
-        result.update(_loco_metrics(dataset_dir, test_rows, pred, size))
+        result.update(_loco_metrics(dataset_dir, test_rows, pred))
     calibration = None
     if bank_dir is not None or (manifest.split == "validation").any():
         scored = score_sets(model, validation_sets(bank_dir, dataset_dir, size), batch_size, progress)

@@ -325,3 +325,17 @@ def test_expected_counts_cover_every_category():
                      "splicing_connectors": 312}
     # good + logical test images: 1136 (the logical-only test set of LOCO-Annotations)
     assert sum(c["test/good"] + c["test/logical_anomalies"] for c in loco.EXPECTED_COUNTS.values()) == 1136
+
+
+@pytest.mark.parametrize("size, resize", [([16, 24], "stretch"), (16, "keep_aspect")])
+def test_evaluation_scores_spro_at_any_input_geometry(prepared, tmp_path, size, resize):
+    """MVTec LOCO's evaluation with a non-square input or padded to keep the aspect: the regions are
+    read at the maps' size (the images' own here), logical and structural scored apart."""
+    from ad_models import runs
+    out, _ = prepared
+    model = tmp_path / "model"
+    runs.train("mean_image", {"image_size": size, "resize": resize}, out, model, device="cpu", progress=False)
+    result = runs.evaluate(model, out, tmp_path / "eval", device="cpu", batch_size=4, progress=False)
+    for key in ("auspro_0.05", "auspro_0.3", "auspro_0.3_logical", "auspro_0.3_structural"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert {"image_auroc_logical", "image_auroc_structural"} <= set(result)
