@@ -21,9 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 
-from ad_models.data.loading import content_mask, fit_image, read_rgb, restore_map
+from ad_models.data.loading import read_rgb
 from ad_models.deploy import DECISION, DEPLOYMENT, deployed_info
 from ad_models.io import read_json, write_bytes, write_text
 from ad_models.methods import load_method
@@ -79,8 +78,8 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
     """Score `image_paths` with the deployed model of `model` (a deployment folder, or see
     `model_and_thresholds`); write maps, masks and predictions.csv into `out_dir`; return the table.
 
-    Images become the model's input exactly as in training (`fit_image`, under the model's
-    `resize` policy), and maps come back at each image's own size, padding cut off; a score
+    Images become the model's input exactly as in training and evaluation (`predict_images`, under
+    the model's `resize` policy), and maps come back at each image's own size; a score
     at or above the image threshold is "fail", else "pass" (`thresholds.fails`); the mask is where the
     map is at or above the pixel threshold. A missing or undecodable file is an error
     naming it (missing files are found before anything is computed).
@@ -98,7 +97,6 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
         raise FileNotFoundError(f"image(s) not found: {', '.join(missing)}")
     names = output_names([p.absolute() for p in paths])
     method = load_method(model_dir, device)
-    size, resize = method.config.image_size, method.config.resize
     lo, pixel = float(threshold["map_low"]), float(threshold["pixel"])
     hi = pixel + max(pixel - lo, 1e-12)  # the pixel threshold in the middle of the colour scale
     out_dir = Path(out_dir)
@@ -106,15 +104,8 @@ def predict_images(model: str | os.PathLike, image_paths: list[str | os.PathLike
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
         originals = [read_rgb(p) for p in batch]  # names the file when it does not decode
-        fitted = [fit_image(image, size, resize) for image in originals]
-        inputs = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in fitted])
-        boxes = torch.tensor([box for _, box in fitted])
-        valid = content_mask(boxes, size) if resize != "stretch" else None
-        with torch.no_grad():
-            scores, maps = method.predict(inputs.float().div_(255), valid)
-        scores, maps = scores.float().cpu().numpy(), maps.float().cpu().numpy()
-        for path, name, image, score, amap, box in zip(batch, names[start:], originals, scores, maps, boxes):
-            amap = restore_map(amap, box, *image.shape[:2])
+        scores, maps = method.predict_images(originals, batch_size)
+        for path, name, image, score, amap in zip(batch, names[start:], originals, scores, maps):
             overlay = (0.5 * image + 0.5 * colourise(amap, lo, hi)).astype(np.uint8)
             _write_png(out_dir / f"{name}_map.png", overlay)
             _write_png(out_dir / f"{name}_mask.png", fails(amap, pixel).astype(np.uint8) * 255)

@@ -1,11 +1,14 @@
-"""Stretch vs keep_aspect on an elongated part: image AUROC, pixel AUROC and ms per image.
+"""The resize policies on elongated and large parts: image AUROC, pixel AUROC and ms per image.
 
 The part: a built-in synthetic category with every image and mask tiled `--tiles` times vertically
-(a 1 : 3 part by default), so squashing it to a square shrinks its defects by that factor in height.
-Each policy trains the same method (`--method`, default pfm) with the same settings; keep_aspect
-is also run at an input of the part's own aspect ([tiles x size, size]: no padding at all).
+(a 1 : 3 part by default), so squashing it to a square shrinks its defects by that factor in height;
+with `--magnetic-tile`, also that real dataset (images of 114-617 px a side, thin cracks).
+Each policy trains the same method (`--method`, default pfm) with the same settings: stretch and
+keep_aspect at `--size`, keep_aspect at the part's own aspect ([tiles x size, size]: no padding at
+all; synthetic only), and tiles of `--size` at the images' own resolution.
 
     python bench/bench_resize.py --category fabric --size 64 --epochs 10
+    python bench/bench_resize.py --size 128 --magnetic-tile ../shared/data/magnetic_tile --limit-per-kind 60
 
 Figures are printed as a table; nothing is written outside a temporary folder.
 """
@@ -46,29 +49,42 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=30)
     parser.add_argument("--n-test", type=int, default=15, help="good and defective test images each")
     parser.add_argument("--method-config", type=json.loads, default={})
+    parser.add_argument("--magnetic-tile", help="folder of the magnetic tile dataset (MT_* folders)")
+    parser.add_argument("--limit-per-kind", type=int, default=None, help="magnetic tile subset size")
+    parser.add_argument("--bank-size", type=int, default=256, help="bank image size for magnetic tile "
+                        "(stretch, keep_aspect; tiles keeps the images' own size)")
     args = parser.parse_args()
     torch.manual_seed(0)
     size, tall = args.size, [args.tiles * args.size, args.size]
-    runs_to_do = [("stretch", size), ("keep_aspect", size), ("keep_aspect", tall)]
-    print(f"{args.method} on synthetic/{args.category} tiled {args.tiles}x vertically "
-          f"({args.tiles * args.size} x {args.size} px), {args.epochs} epochs, {torch.get_num_threads()} threads")
-    print(f"{'resize':<12} {'image_size':<12} {'image AUROC':>11} {'pixel AUROC':>11} {'ms/image':>9}")
+    print(f"{args.method}, {args.epochs} epochs, {torch.get_num_threads()} threads; synthetic/{args.category} "
+          f"tiled {args.tiles}x vertically ({args.tiles * args.size} x {args.size} px)")
+    print(f"{'dataset':<20} {'resize':<12} {'image_size':<12} {'image AUROC':>11} {'pixel AUROC':>11} {'ms/image':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dataset = tall_category(root / args.category, args.category, args.size, args.tiles, args.n_train, args.n_test)
-        for resize, image_size in runs_to_do:
-            tag = f"{resize}_{image_size if isinstance(image_size, int) else 'x'.join(map(str, image_size))}"
-            bank = root / f"bank_{resize}"
-            if not bank.exists():
-                build_bank(dataset, bank, {"image_size": args.tiles * args.size, "resize": resize,
-                                           "min_holdout": 4}, progress=False)
-            config = {"epochs": args.epochs, **args.method_config, "image_size": image_size, "resize": resize}
-            runs.train(args.method, config, dataset, root / f"model_{tag}", bank_dir=bank, device="cpu",
-                       progress=False)
-            result = runs.evaluate(root / f"model_{tag}", dataset, root / f"eval_{tag}", bank_dir=bank,
-                                   device="cpu", progress=False)
-            print(f"{resize:<12} {str(image_size):<12} {result['image_auroc']:>11.3f} "
-                  f"{result['pixel_auroc']:>11.3f} {result['inference_ms_per_image']:>9.1f}", flush=True)
+        datasets = [(f"synthetic/{args.category}", args.tiles * args.size,
+                     [("stretch", size), ("keep_aspect", size), ("keep_aspect", tall), ("tiles", size)],
+                     tall_category(root / args.category, args.category, args.size, args.tiles, args.n_train,
+                                   args.n_test))]
+        if args.magnetic_tile:
+            tile_dir = root / "magnetic_tile"
+            prepare_category("magnetic_tile", "tile", tile_dir, source_dir=args.magnetic_tile,
+                             limit_per_kind=args.limit_per_kind)
+            datasets.append(("magnetic_tile/tile", args.bank_size,
+                             [("stretch", size), ("keep_aspect", size), ("tiles", size)], tile_dir))
+        for name, bank_size, runs_to_do, dataset in datasets:
+            for resize, image_size in runs_to_do:
+                tag = f"{dataset.name}_{resize}_{'x'.join(map(str, image_size)) if isinstance(image_size, list) else image_size}"
+                bank = root / f"bank_{dataset.name}_{resize}"
+                if not bank.exists():
+                    build_bank(dataset, bank, {"image_size": bank_size, "resize": resize, "min_holdout": 4},
+                               progress=False)
+                config = {"epochs": args.epochs, **args.method_config, "image_size": image_size, "resize": resize}
+                runs.train(args.method, config, dataset, root / f"model_{tag}", bank_dir=bank, device="cpu",
+                           progress=False)
+                result = runs.evaluate(root / f"model_{tag}", dataset, root / f"eval_{tag}", bank_dir=bank,
+                                       device="cpu", progress=False)
+                print(f"{name:<20} {resize:<12} {str(image_size):<12} {result['image_auroc']:>11.3f} "
+                      f"{result['pixel_auroc']:>11.3f} {result['inference_ms_per_image']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Input geometry: `image_size` as [height, width] and the `resize` policy (stretch, keep_aspect)."""
+"""Input geometry: `image_size` as [height, width] and the `resize` policy (stretch, keep_aspect, tiles)."""
 from __future__ import annotations
 
 import cv2
@@ -9,8 +9,8 @@ import torch
 
 from ad_models import runs
 from ad_models.data.layout import read_manifest
-from ad_models.data.loading import (ImageDataset, content_box, content_mask, fit_image, image_shape, read_rgb,
-                                    resize_rgb, restore_map)
+from ad_models.data.loading import (TILE_OVERLAP, ImageDataset, content_box, content_mask, cut_tile, fit_image,
+                                    image_shape, read_rgb, resize_rgb, restore_map, stitch_tiles, tile_grid)
 from ad_models.data.sources import prepare_category
 from ad_models.defects.bank import build_bank, read_bank
 from ad_models.deploy import promote
@@ -130,14 +130,14 @@ def test_stretch_reads_images_exactly_as_before(tall_category):
     assert np.array_equal(pred["scores"], scores.numpy()) and np.array_equal(pred["maps"], maps.numpy())
 
 
-@pytest.mark.parametrize("resize", ["stretch", "keep_aspect"])
+@pytest.mark.parametrize("resize", ["stretch", "keep_aspect", "tiles"])
 def test_a_tall_part_trains_evaluates_and_predicts_under_each_policy(tall_category, tmp_path, resize):
     bank = tmp_path / "bank"
-    build_bank(tall_category, bank, {"image_size": 96, "min_holdout": 2, "defects_per_image": 1,
-                                     "resize": resize}, progress=False)
+    build_bank(tall_category, bank, {"image_size": 96 if resize != "tiles" else 48, "min_holdout": 2,
+                                     "defects_per_image": 1, "resize": resize}, progress=False)
     bank_rows, _ = read_bank(bank)
     bank_image = read_rgb(bank_rows.path[0])
-    assert bank_image.shape[:2] == ((96, 32) if resize == "keep_aspect" else (96, 96))
+    assert bank_image.shape[:2] == ((96, 96) if resize == "stretch" else (96, 32))  # tiles: the image's own size
 
     config = {"image_size": 32, "epochs": 1, "batch_size": 4, "resize": resize}
     runs.train("pfm", config, tall_category, tmp_path / "model", bank_dir=bank, device="cpu", progress=False)
@@ -149,7 +149,8 @@ def test_a_tall_part_trains_evaluates_and_predicts_under_each_policy(tall_catego
 
     test_rows = read_manifest(tall_category).query("split == 'test'").reset_index(drop=True)
     pred = model.predict_dataset(model.image_dataset(test_rows), progress=False)
-    assert pred["maps"].shape == pred["masks"].shape == (len(test_rows), 32, 32)
+    frame = (96, 32) if resize == "tiles" else (32, 32)  # tiles: every pixel at its own resolution
+    assert pred["maps"].shape == pred["masks"].shape == (len(test_rows), *frame)
 
     promote(tmp_path / "model", tmp_path / "deployed", bank, tall_category, device="cpu")
     table = predict_images(tmp_path / "deployed", list(test_rows.path[:2]), tmp_path / "out", device="cpu")
@@ -169,3 +170,53 @@ def test_evaluation_compares_maps_in_one_frame_under_both_policies(tall_category
     assert torch.equal(stretch[3]["mask"], kept[3]["mask"])
     assert kept[3]["box"].tolist() == [0, 0, 48, 16]  # the pair fits the part: no padding at all
     assert pd.Series(rows.label).sum() == 3
+
+
+def test_tiles_cover_the_image_with_overlap_and_stitch_back_exactly():
+    boxes = tile_grid(96, 40, 32)
+    starts = sorted({top for top, _, _, _ in boxes})
+    assert starts[0] == 0 and starts[-1] + 32 == 96 and sorted({left for _, left, _, _ in boxes}) == [0, 8]
+    assert all(b - a <= 32 * (1 - TILE_OVERLAP) for a, b in zip(starts, starts[1:]))  # neighbours overlap
+    # a map cut into the tiles and stitched back is the map itself (means of equal values in overlaps)
+    full = np.random.default_rng(0).random((96, 40)).astype(np.float32)
+    tiles = np.stack([full[t:t + h, l:l + w] for t, l, h, w in boxes])
+    assert np.array_equal(stitch_tiles(tiles, boxes, 96, 40), full)
+    # an image smaller than a tile: one tile, the rest a reflected border that is cut off again
+    assert tile_grid(20, 50, 32) == [(0, 0, 20, 32), (0, 18, 20, 32)]
+    small = np.arange(20 * 50 * 3, dtype=np.uint8).reshape(20, 50, 3)
+    tile, box = cut_tile(small, (0, 0, 20, 32), 32)
+    assert tile.shape == (32, 32, 3) and box == (0, 0, 20, 32) and np.array_equal(tile[:20], small[:, :32])
+    maps = np.stack([np.full((32, 32), 1.0), np.full((32, 32), 3.0)])
+    stitched = stitch_tiles(maps, tile_grid(20, 50, 32), 20, 50)
+    assert stitched.shape == (20, 50) and stitched[0, 0] == 1 and stitched[0, 49] == 3 and stitched[0, 25] == 2
+
+
+def test_tile_items_carry_their_part_of_the_mask(tall_category):
+    rows = read_manifest(tall_category).query("split == 'test'").reset_index(drop=True)
+    data = ImageDataset(rows, 32, "tiles")
+    assert len(data) == len(rows) * 4  # 96 px high: 4 overlapping tiles of 32; 32 wide: 1
+    defective = next(i for i, row in rows.iterrows() if row.label == 1)
+    image = read_rgb(rows.path[defective])
+    items = [data[k] for k, (i, _) in enumerate(data.tiles) if i == defective]
+    for item, (top, left, h, w) in zip(items, tile_grid(96, 32, 32)):
+        expected = torch.from_numpy(image[top:top + h, left:left + w]).permute(2, 0, 1).float() / 255
+        assert torch.equal(item["image"], expected) and item["label"] == int(item["mask"].any())
+    assert any(item["label"] == 1 for item in items)
+    assert data.with_resize("stretch").tiles is None and len(ImageDataset(rows, 32).with_resize("tiles")) == len(data)
+
+
+def test_tiles_compare_images_of_other_sizes_in_the_median_frame(tall_category):
+    rows = read_manifest(tall_category).query("split == 'test'").reset_index(drop=True)
+    defective = int(rows.index[rows.label == 1][0])
+    for path in (rows.path[defective], rows.mask_path[defective]):  # one part 2/3 as high
+        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:64])
+    method = create_method("mean_image", {"image_size": 32, "resize": "tiles"})
+    method.fit(ImageDataset(read_manifest(tall_category).query("split == 'train'"), 32, "tiles"))
+    data = method.image_dataset(rows)
+    assert data.frame == (96, 32) and len(data) == (len(rows) - 1) * 4 + 3
+    pred = method.predict_dataset(data, progress=False)
+    assert pred["maps"].shape == pred["masks"].shape == (len(rows), 96, 32)
+    # the short part's mask stretched to the frame, its map likewise
+    assert pred["masks"][defective].any() and pred["labels"][defective] == 1
+    short_map = method.predict_images([read_rgb(rows.path[defective])])[1][0]
+    assert short_map.shape == (64, 32) and pred["scores"][defective] == pytest.approx(short_map.max())

@@ -56,7 +56,8 @@ class BankConfig:
     defects_per_image: int = 2
     image_size: int = 256  # bank images are written at this size (methods resize as they train)
     # "keep_aspect": the long side is image_size and the aspect kept, for categories whose models
-    # use the keep_aspect resize policy (a squashed bank would not look like their inputs)
+    # use the keep_aspect resize policy (a squashed bank would not look like their inputs); "tiles":
+    # the images at their own size, for models that tile (image_size is then unused)
     resize: str = "stretch"
     foreground: bool = False  # keep defects on the object (object categories on a plain background)
     variants: dict = field(default_factory=default_variants)  # name -> DefectConfig dict

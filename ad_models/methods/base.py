@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ad_models import metrics
-from ad_models.data.loading import RESIZE_POLICIES, ImageDataset, content_mask, image_shape, restore_map
+from ad_models.data.loading import (RESIZE_POLICIES, ImageDataset, content_mask, cut_tile, fit_image, image_shape,
+                                    restore_map, stitch_tiles, tile_grid)
 from ad_models.io import atomic_path, read_json, write_json
 
 
@@ -245,11 +247,77 @@ class AnomalyMethod:
 
     # -- shared loops --------------------------------------------------------------------------
     @torch.no_grad()
+    def predict_images(self, images: list[np.ndarray], batch_size: int = 8) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image scores [N] and anomaly maps at each image's own size, from uint8 RGB images of any
+        size, under the model's `resize` policy: the one path from a picture to a decision
+        (`adpipe predict`, and evaluation under `tiles`). Under `tiles`, each image's tiles are
+        predicted in batches, their maps stitched (`loading.stitch_tiles`) and the image score is
+        the stitched map's maximum: a defect anywhere fails the part."""
+        size, resize = self.config.image_size, self.config.resize
+        if resize == "tiles":
+            scores, maps = [], []
+            for image in images:
+                boxes = tile_grid(*image.shape[:2], size)
+                tile_maps = []
+                for start in range(0, len(boxes), batch_size):
+                    cut = [cut_tile(image, box, size) for box in boxes[start:start + batch_size]]
+                    tile_maps.append(self._predict_fitted(cut, size)[1])
+                amap = stitch_tiles(np.concatenate(tile_maps), boxes, *image.shape[:2])
+                scores.append(float(amap.max()))
+                maps.append(amap)
+            return np.asarray(scores, np.float32), maps
+        scores, maps = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            fitted = [fit_image(image, size, resize) for image in batch]
+            batch_scores, batch_maps = self._predict_fitted(fitted, size)
+            scores.append(batch_scores)
+            maps += [restore_map(amap, box, *image.shape[:2]) for amap, (_, box), image in zip(batch_maps, fitted, batch)]
+        return np.concatenate(scores), maps
+
+    def _predict_fitted(self, fitted: list[tuple[np.ndarray, tuple]], size) -> tuple[np.ndarray, np.ndarray]:
+        """`predict` on model inputs (`fit_image` / `cut_tile` pairs), padding ignored."""
+        inputs = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image, _ in fitted]).float().div_(255)
+        boxes = torch.tensor([box for _, box in fitted])
+        padded = bool((boxes != torch.tensor([0, 0, *image_shape(size)])).any())
+        scores, maps = self.predict(inputs, content_mask(boxes, size) if padded else None)
+        return scores.float().cpu().numpy(), maps.float().cpu().numpy()
+
+    def _predict_full_images(self, dataset: ImageDataset, batch_size: int, progress: bool, desc: str) -> dict[str, Any]:
+        """`predict_dataset` for models that tile: whole images, maps and masks in the dataset's
+        `frame` (the images' own size; a map of an image of another size is resized to it)."""
+        out: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "defect_types": []}
+        rows, cols = dataset.frame
+        seconds = 0.0
+        for i in tqdm(range(len(dataset.paths)), desc=desc, disable=not progress, leave=False):
+            item = dataset.full_image(i)
+            start = time.perf_counter()
+            scores, maps = self.predict_images([item["image"]], batch_size)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            out["scores"].append(scores)
+            out["maps"].append(maps[0] if maps[0].shape == (rows, cols)
+                               else cv2.resize(maps[0], (cols, rows), interpolation=cv2.INTER_LINEAR))
+            for key in ("label", "mask", "path", "defect_type"):
+                out[key + "s"].append(item[key])
+        empty = len(dataset.paths) == 0
+        return {"scores": np.zeros(0, np.float32) if empty else np.concatenate(out["scores"]),
+                "maps": np.zeros((0, rows, cols), np.float32) if empty else np.stack(out["maps"]),
+                "labels": np.asarray(out["labels"], dtype=np.int64),
+                "masks": np.zeros((0, rows, cols), bool) if empty else np.stack(out["masks"]),
+                "paths": out["paths"], "defect_types": out["defect_types"], "score_parts": {},
+                "seconds_per_image": seconds / max(len(dataset.paths), 1)}
+
+    @torch.no_grad()
     def predict_dataset(self, dataset: Dataset, batch_size: int = 8, progress: bool = True,
                         desc: str = "predict") -> dict[str, Any]:
         """Scores and maps for a whole dataset, with labels, masks, timing and the method's score
         parts (`predict_parts`), as numpy arrays. Maps come back in the masks' frame: padding
-        (`keep_aspect`) is cut off and the content resized to it (`loading.restore_map`)."""
+        (`keep_aspect`) is cut off and the content resized to it (`loading.restore_map`); under
+        `tiles`, whole images at their own size (`predict_images`)."""
+        if getattr(dataset, "tiles", None) is not None:
+            return self._predict_full_images(dataset, batch_size, progress, desc)
         out: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [],
                                 "defect_types": []}
         parts: dict[str, list] = {}

@@ -17,7 +17,7 @@ from ad_models.methods.base import (AnomalyMethod, check_input_geometry, image_b
 @dataclass
 class MeanImageConfig:
     image_size: int | tuple[int, int] = 256  # or [height, width]
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
 
     def __post_init__(self):
         check_input_geometry(self, "mean_image")

@@ -116,7 +116,7 @@ LOSS_COLUMNS = ["st", "ae", "stae", "ssim"]
 @dataclass
 class BVPNConfig:
     image_size: int | tuple[int, int] = 256  # a multiple of 32; or [height, width] of them
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
     channels: int = 384  # output channels of every network (release: 384)
     widths: tuple[int, int] = (256, 512)  # Central / Para-central hidden widths (release)
     ae_width: int = 64  # the autoencoders' width (release: 64; first layers half of it)

@@ -124,7 +124,7 @@ LOSS_COLUMNS = ["px_inpaint", "px_rec", "ssim_inpaint", "ssim_rec", "msgms", "fe
 @dataclass
 class ESADConfig:
     image_size: int | tuple[int, int] = 256  # spec: 256 x 256; or [height, width]
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
     widths: tuple[int, ...] = (32, 64, 128, 256, 512)  # inferred: base 32, doubled per level
     groups: int = 4  # inferred: groups of the feature block's group conv
     mask_channel: bool = True  # G1 sees the hidden mask as a 4th channel (spec proposal)

@@ -79,7 +79,7 @@ PERCEPTUAL_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the
 @dataclass
 class NDPNetConfig:
     image_size: int | tuple[int, int] = 256  # paper: 256 x 256; or [height, width]
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
     widths: tuple[int, ...] = (32, 64, 128, 256, 256)  # inferred: the paper gives no widths
     patch_sizes: tuple[int, ...] = (2, 4)  # RBFRM's K
     ffm_kernel: int = 5  # m

@@ -51,7 +51,7 @@ class PFMConfig:
     epochs: int = 200
     batch_size: int = 8
     image_size: int | tuple[int, int] = 256  # or [height, width]: a multiple of the deepest feature stride
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
     fusion: str = "add"  # "add" (mean of levels) or "multiply" (product, PEFM's option)
     position_encoding: bool = False  # PEFM's fixed 2-D sin/cos encoding added to projector inputs
     seed: int = 888

@@ -94,7 +94,7 @@ LOSS_COLUMNS = ["focal", "l1", "aux_l1"]
 @dataclass
 class SLSGConfig:
     image_size: int | tuple[int, int] = 256  # or [height, width]
-    resize: str = "stretch"  # or "keep_aspect" (loading.RESIZE_POLICIES)
+    resize: str = "stretch"  # or "keep_aspect", "tiles" (loading.RESIZE_POLICIES)
     encoder: Any = "auto"  # "auto", a name of ENCODERS, or a backbone dict
     decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 32)  # d1, d2, d3, d4 (Sec. 2.4)
     aux_width: int = 32  # the auxiliary head's features, fed into the decoder at 1/4 and 1/2
