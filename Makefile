@@ -25,7 +25,7 @@ run: setup  ## the main job: datasets -> models -> evaluation -> report, through
 	@echo "report: $(CURDIR)/data/reports/report.html"
 
 test: $(VENV)/.installed-test  ## one worker per core, the slow real-data tests first
-	$(BIN)/python -m pytest -q -n auto --dist load
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 bench: setup
 	$(BIN)/python bench/bench_methods.py
