@@ -13,7 +13,7 @@ from pipelines.cli import main
 from pipelines.definitions import build_definitions
 from pipelines.params import ParamsError, load_params
 from pipelines.partitions import model_partition_key
-from test_pipeline import TINY, new_good  # pytest puts tests/ on sys.path
+from tests.tiny_project import TINY, new_good
 
 FABRIC, CIRCUIT = "synthetic/fabric", "synthetic/circuit"
 

@@ -14,7 +14,7 @@ from pipelines.instance import get_instance
 from pipelines.params import load_params
 from pipelines.partitions import model_partition_key
 from tests.servers import redis_server
-from tests.test_pipeline import BIN, ROOT, write_params
+from tests.tiny_project import BIN, ROOT, write_params
 
 pytest.importorskip("dagster_celery", reason="dagster-celery is not installed (the `scale` extra)")
 

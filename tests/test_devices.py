@@ -16,7 +16,7 @@ import pytest
 from pipelines.execution import build_executor
 from pipelines.devices import Accelerator, claim_device, set_gpu_pool_limit
 from pipelines.params import ParamsError, load_params
-from tests.test_pipeline import write_params
+from tests.tiny_project import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,15 +7,13 @@ are placeholders committed with `dvc commit`: seconds, where `dvc repro` would t
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from tests.test_pipeline import BIN, ROOT, TINY, write_params
+from tests.tiny_project import ROOT, TINY, dvc, stale, write_params
 
 CATEGORIES = ["synthetic/fabric", "synthetic/granite"]
 METHODS = ["pfm", "mean_image"]
@@ -51,20 +49,6 @@ def repo(tmp_path):
     dvc(repo, "commit", "-f", "-q")
     assert stale(repo) == set()
     return repo
-
-
-def dvc(repo, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 or not check, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def stale(repo) -> set[str]:
-    """The stages `dvc status` finds changed, but the inboxes' (`ingest` always runs)."""
-    status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
-    assert all(status[stage] == ["always changed"] for stage in status if stage.startswith("ingest@"))
-    return {stage for stage in status if not stage.startswith("ingest@")}
 
 
 def edit(repo, **changes) -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.test_dvc_params import stale
-from tests.test_pipeline import BIN, ROOT, write_params
+from tests.tiny_project import BIN, ROOT, stale, write_params
 
 # one worker builds the trained repository once for both tests (`--dist loadgroup`)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dvc_sharing")]

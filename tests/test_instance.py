@@ -12,7 +12,7 @@ import yaml
 from pipelines.instance import dagster_home, get_instance, reclaim_dead_runs
 from pipelines.params import load_params
 from tests.servers import postgres_server
-from tests.test_pipeline import BIN, ROOT, TINY, write_params
+from tests.tiny_project import BIN, ROOT, TINY, write_params
 
 
 def test_the_instance_lives_beside_params_and_follows_its_settings(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import yaml
 from pipelines.definitions import build_definitions
 from pipelines.execution import build_executor, k8s_config
 from pipelines.params import ParamsError, load_params
-from tests.test_pipeline import write_params
+from tests.tiny_project import write_params
 
 pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed (the `scale` extra)")
 from dagster._config import validate_config  # noqa: E402

@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,50 +13,11 @@ from pathlib import Path
 import cv2
 import dagster as dg
 import pytest
-import yaml
 
 from pipelines.definitions import build_definitions
 from pipelines.params import ParamsError, load_params
 from pipelines.partitions import model_partition_key
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = {
-    "seed": 0,
-    "data_root": "data",
-    "datasets": {"synthetic": {"source": "synthetic",
-                               "options": {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 64}}},
-    "categories": ["synthetic/fabric", "synthetic/circuit"],
-    "methods": ["pfm", "mean_image"],
-    "budget": "tiny",
-    "budgets": {"tiny": {"pfm": {"epochs": 2, "image_size": 64, "batch_size": 4}, "mean_image": {"image_size": 64}}},
-    "method_config": {"pfm": {}, "mean_image": {}},  # DVC's train stages depend on each method's entry, even empty
-    "evaluation": {"batch_size": 4, "gallery_size": 3},
-    "decision": {"policy": "false_alarm_rate"},  # DVC's evaluate and deploy stages depend on it
-    "defect_bank": {"image_size": 64, "min_holdout": 2, "per_category": {"synthetic/circuit": {"foreground": True}}},
-}
-
-
-def new_good(folder: Path, category: str, n: int, inbox: Path, seed: int = 99) -> list[Path]:
-    """`n` good images of a synthetic category the dataset does not have (another seed), copied into
-    `inbox` with an old modification time (a finished copy)."""
-    from ad_models.data.sources import prepare_category
-    manifest = prepare_category("synthetic", category, folder, n_train=n, n_test_good=0, n_test_defect=0,
-                                size=64, seed=seed)
-    dropped = []
-    for i, source in enumerate(manifest.path[manifest.split == "train"]):
-        target = inbox / f"new_{i:03d}.png"
-        shutil.copyfile(source, target)
-        os.utime(target, (time.time() - 60, time.time() - 60))
-        dropped.append(target)
-    return dropped
-
-
-def write_params(folder: Path, **changes) -> Path:
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in {**TINY, **changes}.items() if v is not None}))  # None: leave out
-    return path
+from tests.tiny_project import BIN, ROOT, new_good, write_params
 
 
 def test_default_params_define_the_graph():

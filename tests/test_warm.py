@@ -9,7 +9,7 @@ import sys
 import dagster as dg
 import yaml
 
-from tests.test_pipeline import BIN, ROOT, TINY, write_params
+from tests.tiny_project import BIN, ROOT, TINY, write_params
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "ADPIPE_SERVER")}
 
