@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from ad_models.data.layout import read_manifest
 from ad_models.data.loading import ImageDataset
 from ad_models.methods import create_method, load_method
-from ad_models.methods.base import STEP_PHASES, TrainingImages, clock_steps, step_phase
+from ad_models.methods import base, pfm
+from ad_models.methods.base import STEP_PHASES, TrainingImages, clock_steps, side_by_side, step_phase
 
 ROOT = Path(__file__).resolve().parents[1]
 NDPNET = {"image_size": 64, "widths": (8, 8, 16, 16, 16), "ffm_channels": 8, "phase1_epochs": 1,
@@ -80,3 +82,66 @@ def test_compiled_training_matches_eager_training(tiny_category, tmp_path):
     # the weights keep their names: a model trained compiled loads as any other
     assert torch.allclose(load_method(tmp_path / "default", device="cpu").predict(images)[0], scores["default"],
                           rtol=1e-3, atol=1e-4)
+
+
+def test_side_by_side_runs_each_task_on_its_own_core_with_the_result_it_has_alone():
+    def task(seed: int):
+        torch.manual_seed(seed)  # here, not in the task: the tasks share no random draws
+        net = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(32, 8, 1))
+        x = torch.randn(16, 8, 8, 8)
+
+        def fit() -> tuple[str, int, torch.Tensor]:
+            optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+            for _ in range(5):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(net(x), x).backward()
+                optimizer.step()
+            return threading.current_thread().name, torch.get_num_threads(), net[3].weight.detach().clone()
+        return fit
+
+    alone = [fit() for fit in [task(seed) for seed in range(3)]]  # one thread (this module's fixture)
+    torch.set_num_threads(2)
+    try:
+        together = side_by_side([task(seed) for seed in range(3)], torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(1)
+    assert len({name for name, _, _ in together}) == 2  # two workers, neither the caller
+    assert threading.current_thread().name not in {name for name, _, _ in together}
+    assert all(threads == 1 for _, threads, _ in together)  # 2 threads shared by 2 workers
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(alone, together))
+    # one thread, or a GPU: in the caller's thread, one after the other
+    caller = {threading.current_thread().name}
+    assert {name for name, _, _ in side_by_side([task(seed) for seed in range(3)], torch.device("cpu"))} == caller
+
+
+def test_pfm_trains_its_levels_side_by_side_with_the_weights_of_one_after_the_other(tiny_category, monkeypatch):
+    dataset, _ = tiny_category
+    rows = read_manifest(dataset)
+    train = ImageDataset(rows[rows.split == "train"], 64)
+    config = {"image_size": 64, "epochs": 2, "batch_size": 4}
+
+    def fit() -> tuple[dict, dict]:
+        model = create_method("pfm", config)
+        log = model.fit(train, device="cpu", progress=False)
+        return log, {k: v.clone() for k, v in model.net.projectors.state_dict().items()}
+
+    levels_ran_on = []
+    train_level = pfm.PFM._train_level
+    monkeypatch.setattr(pfm.PFM, "_train_level", lambda self, level, *args: (
+        levels_ran_on.append(threading.current_thread().name), train_level(self, level, *args))[1])
+    torch.set_num_threads(2)  # the features at 2 threads in both runs; the projectors at 1 per level
+    try:
+        log, together = fit()
+
+        def one_after_the_other(tasks, device):
+            torch.set_num_threads(1)
+            return [task() for task in tasks]
+        monkeypatch.setattr(pfm, "side_by_side", one_after_the_other)
+        log_alone, alone = fit()
+    finally:
+        torch.set_num_threads(1)
+    assert len(set(levels_ran_on[:3])) == 2 and threading.current_thread().name not in levels_ran_on[:3]
+    assert log["loss_per_epoch"] == log_alone["loss_per_epoch"]
+    assert all(torch.equal(together[k], alone[k]) for k in alone)

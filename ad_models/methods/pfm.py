@@ -15,13 +15,15 @@ Follows the official code (smiler96/PFM-and-PEFM-...) as described in
   ResNet pair. We keep those ratios for any pair (inferred rule: it reproduces the paper's widths
   exactly for its own backbones and scales them for others); `latent_dims` overrides.
 - Frozen backbones, no augmentation: their features are computed once and cached, which gives the
-  same training as recomputing them every epoch, much faster (`feature_cache_gb` bounds it).
+  same training as recomputing them every epoch, much faster (`feature_cache_gb` bounds it). The
+  levels' projectors share nothing, so on a CPU they train side by side, a core each.
 - Not copied from the official code: the inverted `--train` flag, the Windows-only path
   handling, all-zero final metrics, CUDA-only position encodings, `Image.ANTIALIAS`, and the
   undetached level-1 target (harmless there, detached here).
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from ad_models.backbones import BackboneConfig, FeatureExtractor
 from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, autocast, check_input_geometry, image_batches, optimizer_step,
-                                    resolve_device, seed_everything, step_phase, top_k_mean)
+                                    resolve_device, seed_everything, side_by_side, step_phase, top_k_mean)
 
 
 @dataclass
@@ -210,24 +212,28 @@ class PFM(AnomalyMethod):
         self.net.projectors.train()
         losses: list[list[float]] = []  # [epoch][level]
         bar = tqdm(range(cfg.epochs), desc=f"{self.name}: train", disable=not progress, leave=False)
+        # compiled networks stay on the caller's thread (torch.compile is not made for several)
+        parallel = cached and not any(getattr(p, "_compiled_call_impl", None) for p in self.net.projectors)
         for _epoch in bar:
-            epoch_loss, batches = torch.zeros(len(optimizers), device=self.device), 0  # summed on the device
-            for idx in torch.randperm(n, generator=generator).split(cfg.batch_size):
-                with step_phase("data"):
-                    if cached:  # the cache lives on the device: index it there
-                        idx = idx.to(self.device)
-                        fs, ft = [f[idx] for f in fs_all], [f[idx] for f in ft_all]
-                    else:
-                        fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
-                for level, (proj, opt) in enumerate(zip(self.net.projectors, optimizers)):
-                    with step_phase("forward"), autocast(self.device, cfg.amp):
-                        s_hat, t_hat = proj(fs[level], ft[level])
-                        loss = F.mse_loss(s_hat.float(), fs[level]) + F.mse_loss(t_hat.float(), ft[level])
-                    optimizer_step(opt, loss)
-                    epoch_loss[level] += loss.detach().float()
-                batches += 1
+            order = torch.randperm(n, generator=generator).split(cfg.batch_size)
+            if parallel:  # the levels share nothing: each trains through the epoch on its own core
+                order = [idx.to(self.device) for idx in order]
+                epoch_loss = torch.stack(side_by_side(
+                    [functools.partial(self._train_level, level, order, fs_all[level], ft_all[level], opt)
+                     for level, opt in enumerate(optimizers)], self.device))
+            else:
+                epoch_loss = torch.zeros(len(optimizers), device=self.device)  # summed on the device
+                for idx in order:
+                    with step_phase("data"):
+                        if cached:  # the cache lives on the device: index it there
+                            idx = idx.to(self.device)
+                            fs, ft = [f[idx] for f in fs_all], [f[idx] for f in ft_all]
+                        else:
+                            fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
+                    for level, opt in enumerate(optimizers):
+                        epoch_loss[level] += self._train_step(level, fs[level], ft[level], opt)
             with step_phase("log"):
-                losses.append((epoch_loss / batches).tolist())
+                losses.append((epoch_loss / len(order)).tolist())
             bar.set_postfix(loss=f"{sum(losses[-1]):.4f}")
         self.net.eval()
         log = {"epochs": cfg.epochs, "train_images": n, "feature_cache": cached,
@@ -236,6 +242,24 @@ class PFM(AnomalyMethod):
         if valid is not None and len(valid):
             log["valid_mean_score"] = float(self.predict_dataset(valid, progress=False)["scores"].mean())
         return log
+
+    def _train_step(self, level: int, fs: torch.Tensor, ft: torch.Tensor, optimizer) -> torch.Tensor:
+        """One update of one level's projector on a batch of its features; its loss."""
+        with step_phase("forward"), autocast(self.device, self.config.amp):
+            s_hat, t_hat = self.net.projectors[level](fs, ft)
+            loss = F.mse_loss(s_hat.float(), fs) + F.mse_loss(t_hat.float(), ft)
+        optimizer_step(optimizer, loss)
+        return loss.detach().float()
+
+    def _train_level(self, level: int, order: list[torch.Tensor], fs_all: torch.Tensor, ft_all: torch.Tensor,
+                     optimizer) -> torch.Tensor:
+        """One epoch of one level, batches in `order`: its summed loss."""
+        total = torch.zeros((), device=self.device)
+        for idx in order:
+            with step_phase("data"):
+                fs, ft = fs_all[idx], ft_all[idx]
+            total += self._train_step(level, fs, ft, optimizer)
+        return total
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
