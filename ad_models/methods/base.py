@@ -26,6 +26,7 @@ import json
 import logging
 import platform
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -501,10 +502,16 @@ _step_clock: contextvars.ContextVar = contextvars.ContextVar("step_clock", defau
 class StepClock:
     """Wall seconds per part of the training steps (`STEP_PHASES`). The device is synchronised at
     every boundary, so GPU work is counted in the part that queued it: only for benchmarks, training
-    itself never waits for it."""
+    itself never waits for it. Parts that run side by side (`side_by_side`) each add their own time,
+    so the parts may sum to more than the wall time."""
 
     def __init__(self):
         self.seconds = dict.fromkeys(STEP_PHASES, 0.0)
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:  # parts of tasks running side by side end at the same time
+            self.seconds[name] += seconds
 
 
 @contextlib.contextmanager
@@ -539,7 +546,7 @@ def step_phase(name: str) -> Iterator[None]:
             yield
         finally:
             _synchronize()
-            clock.seconds[name] += time.perf_counter() - start
+            clock.add(name, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
