@@ -145,3 +145,15 @@ def test_pfm_trains_its_levels_side_by_side_with_the_weights_of_one_after_the_ot
     assert len(set(levels_ran_on[:3])) == 2 and threading.current_thread().name not in levels_ran_on[:3]
     assert log["loss_per_epoch"] == log_alone["loss_per_epoch"]
     assert all(torch.equal(together[k], alone[k]) for k in alone)
+
+    # compiled networks (`execution.compile`) train their levels on the caller's thread only
+    levels_ran_on.clear()
+    monkeypatch.setattr(pfm, "side_by_side", base.side_by_side)  # the real one again
+    compiled = create_method("pfm", {**config, "epochs": 1})
+    compiled.compiled = True  # as compile_networks leaves it, without minutes of compiling
+    torch.set_num_threads(2)
+    try:
+        compiled.fit(train, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(1)
+    assert set(levels_ran_on) == {threading.current_thread().name}

@@ -166,6 +166,7 @@ class AnomalyMethod:
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    compiled: bool = False  # compile_networks ran: torch.compile'd networks train on the caller's thread only
 
     def __init__(self, config=None, pretrained_backbones: bool = True):
         # pretrained_backbones=False: `load` restores every weight from the checkpoint, so no
@@ -238,6 +239,7 @@ class AnomalyMethod:
             for module in (child.values() if isinstance(child, nn.ModuleDict)
                            else child if isinstance(child, nn.ModuleList) else [child]):
                 module.compile(mode=mode)
+        self.compiled = True
 
     def to(self, device: torch.device) -> "AnomalyMethod":
         self.device = device
@@ -437,8 +439,8 @@ def side_by_side(tasks: list[Callable[[], T]], device: torch.device) -> list[T]:
     """Independent pieces of training (networks that share nothing: no weights, no random draws), run
     side by side on a CPU's cores, each with an equal share of torch's threads: small layers use one
     core each far better than all cores together (PFM's projectors: 1.4 instead of 2.0 s per epoch
-    on 2 cores). Results equal running each task alone with its share of threads. On a GPU, with
-    one thread, or for compiled networks, the tasks run one after the other."""
+    on 2 cores). Results equal running each task alone with its share of threads. On a GPU or with
+    one thread the tasks run one after the other, in the caller's thread."""
     threads = torch.get_num_threads()
     workers = min(len(tasks), threads)
     if device.type != "cpu" or workers < 2:

@@ -212,24 +212,19 @@ class PFM(AnomalyMethod):
         self.net.projectors.train()
         losses: list[list[float]] = []  # [epoch][level]
         bar = tqdm(range(cfg.epochs), desc=f"{self.name}: train", disable=not progress, leave=False)
-        # compiled networks stay on the caller's thread (torch.compile is not made for several)
-        parallel = cached and not any(getattr(p, "_compiled_call_impl", None) for p in self.net.projectors)
         for _epoch in bar:
             order = torch.randperm(n, generator=generator).split(cfg.batch_size)
-            if parallel:  # the levels share nothing: each trains through the epoch on its own core
-                order = [idx.to(self.device) for idx in order]
-                epoch_loss = torch.stack(side_by_side(
-                    [functools.partial(self._train_level, level, order, fs_all[level], ft_all[level], opt)
-                     for level, opt in enumerate(optimizers)], self.device))
-            else:
+            if cached:  # the levels share nothing: each trains through the epoch, on its own core on a CPU
+                order = [idx.to(self.device) for idx in order]  # the cache lives on the device: index it there
+                levels = [functools.partial(self._train_level, level, order, fs_all[level], ft_all[level], opt)
+                          for level, opt in enumerate(optimizers)]
+                epoch_loss = torch.stack([level() for level in levels] if self.compiled
+                                         else side_by_side(levels, self.device))
+            else:  # the features of a batch serve every level
                 epoch_loss = torch.zeros(len(optimizers), device=self.device)  # summed on the device
                 for idx in order:
                     with step_phase("data"):
-                        if cached:  # the cache lives on the device: index it there
-                            idx = idx.to(self.device)
-                            fs, ft = [f[idx] for f in fs_all], [f[idx] for f in ft_all]
-                        else:
-                            fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
+                        fs, ft = self._features(torch.stack([train[int(i)]["image"] for i in idx]))
                     for level, opt in enumerate(optimizers):
                         epoch_loss[level] += self._train_step(level, fs[level], ft[level], opt)
             with step_phase("log"):
