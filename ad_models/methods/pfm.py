@@ -207,7 +207,10 @@ class PFM(AnomalyMethod):
         cached = n * self._feature_bytes_per_image() <= cfg.feature_cache_gb * 2**30
         if cached:
             fs_all, ft_all = self._cache_features(train, progress)
-        optimizers = [torch.optim.Adam(p.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        # fused on a CPU: one kernel per tensor instead of ~10 small ops (~7x faster steps), the same
+        # update up to float rounding; elsewhere torch's default (foreach on CUDA)
+        fused = True if self.device.type == "cpu" else None
+        optimizers = [torch.optim.Adam(p.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused)
                       for p, lr in zip(self.net.projectors, cfg.lrs)]
         self.net.projectors.train()
         losses: list[list[float]] = []  # [epoch][level]
