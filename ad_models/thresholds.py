@@ -41,7 +41,7 @@ def fails(scores, threshold: float) -> np.ndarray:
 @dataclass(frozen=True)
 class DecisionPolicy:
     policy: str = "false_alarm_rate"
-    max_false_alarm_rate: float = 0.01  # share of good parts that may fail
+    max_false_alarm_rate: float = 0.02  # share of good parts that may fail
     max_pixel_false_alarm_rate: float = 0.001  # share of a good part's pixels the drawn mask may cover
     image_threshold: float | dict | None = None  # policy fixed: a number, or {method: number}
     pixel_threshold: float | dict | None = None

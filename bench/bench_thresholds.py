@@ -3,6 +3,7 @@
     python bench/bench_thresholds.py                                   # pfm pefm slsg on the built-in categories
     python bench/bench_thresholds.py --categories --magnetic-tile ../shared/data/magnetic_tile
     python bench/bench_thresholds.py --methods ndpnet esad bvpn --reuse
+    python bench/bench_thresholds.py --reuse --dump /tmp/scores   # each model's scores and maps, to study estimators
     python bench/bench_thresholds.py --reuse --study-variants '{"faint": {"masks": {"perlin": 1}, "blend": "beta",
         "beta_range": [0.5, 0.9]}}'                               # which artificial defects predict real ones
 
@@ -68,6 +69,16 @@ def best_f1_passing(labels: np.ndarray, scores: np.ndarray, good_pass: float = 0
     return best
 
 
+def dump_scores(path: Path, valid: dict[str, dict], tested: dict) -> None:
+    arrays = {}
+    for name, pred in {**valid, "test": tested}.items():
+        arrays.update({f"{name}/labels": pred["labels"], f"{name}/scores": pred["scores"],
+                       f"{name}/maps": pred["maps"].astype(np.float16), f"{name}/masks": pred["masks"],
+                       f"{name}/defect_types": np.asarray(pred["defect_types"])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
 def policies(rates: list[float], bank_types: list[str]) -> dict[str, tuple[DecisionPolicy, str | None]]:
     """name -> (policy, the bank variant it is set on alone, or None for all the validation data)."""
     out = {f"false_alarm_rate {r:g}": (DecisionPolicy(max_false_alarm_rate=r), None) for r in rates}
@@ -94,6 +105,8 @@ def main() -> None:
                         help='JSON options over params.yaml\'s defect_bank, e.g. {"min_holdout": 20}')
     parser.add_argument("--tag", default="", help="keeps banks and models of this run apart (with --bank-config)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dump", help="folder: save each model's validation and test scores and maps (.npz) there, "
+                        "to study threshold estimators without rescoring")
     parser.add_argument("--out", default=str(RESULTS / "thresholds.json"))
     args = parser.parse_args()
 
@@ -138,6 +151,8 @@ def main() -> None:
                     build_bank(dataset_dir, study_dir, {**bank_config, "variants": args.study_variants}, progress=False)
                 valid["study"] = predictions(model, ImageDataset(read_bank(study_dir)[0], size))
             tested = predictions(model, ImageDataset(test, size))
+            if args.dump:
+                dump_scores(Path(args.dump) / f"{source}_{category}_{method}.npz", valid, tested)
             f1_max = metrics.f1_max(tested["labels"], tested["scores"])
             f1_95 = best_f1_passing(tested["labels"], tested["scores"])
             bank_types = sorted({t for p in valid.values() for t in p["defect_types"] if t.startswith("synthetic_")})

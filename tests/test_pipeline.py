@@ -47,11 +47,11 @@ def test_bad_params_are_clear(tmp_path):
 
 
 def test_the_decision_policy_is_chosen_per_category_and_checked(tmp_path):
-    decision = {"max_false_alarm_rate": 0.02,
+    decision = {"max_false_alarm_rate": 0.03,
                 "per_category": {"synthetic/circuit": {"policy": "fixed", "image_threshold": {"pfm": 0.3},
                                                        "pixel_threshold": 0.2}}}
     params = load_params(write_params(tmp_path, decision=decision))
-    assert params.decision_policy("synthetic/fabric").max_false_alarm_rate == 0.02
+    assert params.decision_policy("synthetic/fabric").max_false_alarm_rate == 0.03
     assert params.decision_policy("synthetic/circuit").fixed_threshold("image_threshold", "pfm") == 0.3
     assert load_params(ROOT / "params.yaml").decision_policy("synthetic/fabric").policy == "false_alarm_rate"
     with pytest.raises(ParamsError, match=r"decision for synthetic/fabric: max_false_alarm_rate must be .* got 5"):
