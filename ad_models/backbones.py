@@ -204,15 +204,17 @@ class FeatureExtractor(nn.Module):
     Takes images in [0, 1] and applies the backbone's own input normalisation, so callers never
     need to know which mean/std a network was trained with. Batch-norm always uses running stats.
 
-    Forward runs a copy of `body` with its batch norms folded into the convolutions (`fold_batch_norms`;
-    on a CPU batch norm was ~15 % of inference). The copy is built on first use and dropped whenever
-    the weights may change (`load_state_dict`, `.to()`, `.half()`, ...); it is no submodule, so
-    `state_dict()` and `parameters()` hold `body`'s weights only, as before.
+    With `fold` (PFM: its frozen features are most of its CPU time), forward runs a copy of `body` with
+    its batch norms folded into the convolutions (`fold_batch_norms`; on a CPU batch norm was ~15 % of
+    inference). The copy is built on first use and again whenever the weights change (`load_state_dict`,
+    `.to()`, an in-place update); it is no submodule, so `state_dict()` and `parameters()` hold `body`'s
+    weights only, as before.
     """
 
-    def __init__(self, config: BackboneConfig):
+    def __init__(self, config: BackboneConfig, fold: bool = False):
         super().__init__()
         self.config = config
+        self.fold = fold  # opt-in: other methods' training budgets were tuned on the unfolded network's rounding
         full, self.weights_source = load_pretrained_model(config)
         self.body = timm.create_model(config.name, pretrained=False, features_only=True,
                                       out_indices=config.out_indices)
@@ -232,16 +234,24 @@ class FeatureExtractor(nn.Module):
     def drop_folded(self) -> None:
         """Forget the folded copy: the next forward folds `body`'s current weights again."""
         object.__setattr__(self, "_folded", None)  # not nn.Module's setattr: never a submodule
+        object.__setattr__(self, "_folded_versions", None)
+
+    def _weight_versions(self) -> tuple[int, ...]:
+        # in-place updates (an optimizer step, load_state_dict's copy) bump a tensor's version
+        return tuple(t._version for t in (*self.body.parameters(), *self.body.buffers()))
 
     def folded(self) -> nn.Module:
-        """`body` with its batch norms folded (`fold_batch_norms`), built on first use."""
-        if self._folded is None:
+        """`body` with its batch norms folded (`fold_batch_norms`), built on first use and again
+        whenever `body`'s weights have changed since."""
+        versions = self._weight_versions()
+        if self._folded is None or versions != self._folded_versions:
             side = 2 * max(self.reductions)  # the smallest input every level has a cell of
             param = next(self.body.parameters())
             example = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
             with torch.autocast(param.device.type, enabled=False):  # fold and check in the weights' precision
                 folded = fold_batch_norms(self.body, example.to(param.device, param.dtype))
             object.__setattr__(self, "_folded", folded)
+            object.__setattr__(self, "_folded_versions", versions)
         return self._folded
 
     def _apply(self, fn, recurse=True):
@@ -253,7 +263,9 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        if torch.compiler.is_compiling():  # the compiler fuses on its own; building a copy mid-trace breaks it
+        # the compiler fuses on its own (building a copy mid-trace breaks it); a body being fine-tuned
+        # (SLSG's pre-training) must get the gradients itself
+        if not self.fold or torch.compiler.is_compiling() or any(p.requires_grad for p in self.body.parameters()):
             return self.body(x)
         return self.folded()(x)
 

@@ -19,7 +19,7 @@ def _close(got: list[torch.Tensor], expected: list[torch.Tensor], rtol: float = 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])  # tf_: TF "same" padding convs
 def test_folded_features_equal_unfolded_and_saved_weights_stay(name):
-    fe = FeatureExtractor(BackboneConfig(name))
+    fe = FeatureExtractor(BackboneConfig(name), fold=True)
     keys = list(fe.state_dict())
     n_parameters = len(list(fe.parameters()))
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -35,7 +35,7 @@ def test_folded_features_equal_unfolded_and_saved_weights_stay(name):
 
 
 def test_folded_copy_is_rebuilt_after_load_state_dict_and_to():
-    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"))
+    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"), fold=True)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = fe(images)
@@ -54,7 +54,7 @@ def test_folded_copy_is_rebuilt_after_load_state_dict_and_to():
 
 def test_gradients_flow_to_the_input():
     """Methods use frozen networks as perceptual losses: the input still gets gradients."""
-    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"))
+    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"), fold=True)
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
     sum(f.square().mean() for f in fe(images)).backward()
     assert images.grad is not None and float(images.grad.abs().sum()) > 0
@@ -78,3 +78,28 @@ def test_a_conv_output_read_twice_is_not_folded():
         net.bn.running_mean.fill_(0.5)
         net.bn.running_var.fill_(4.0)
     assert fold_batch_norms(net, torch.rand(1, 3, 8, 8)) is net
+
+
+def test_a_body_being_fine_tuned_gets_its_gradients_and_in_place_updates_refold():
+    """SLSG pre-trains its encoder's weights: they must receive gradients, and an optimizer's in-place
+    step (no load_state_dict, no .to) must reach the frozen forward that follows."""
+    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"), fold=True)
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = fe(images)
+    fe.requires_grad_(True)
+    sum(f.square().mean() for f in fe(images)).backward()
+    weights = [p for p in fe.body.parameters() if p.grad is not None]
+    assert weights and any(float(p.grad.abs().sum()) > 0 for p in weights)
+    torch.optim.SGD(fe.parameters(), lr=10.0).step()
+    fe.requires_grad_(False)
+    with torch.no_grad():
+        after, expected = fe(images), _unfolded(fe, images)
+    assert _close(after, expected) and not _close(after, before, rtol=1e-2)
+
+
+def test_without_fold_forward_is_the_body_itself():
+    fe = FeatureExtractor(BackboneConfig("efficientnet_lite0"))
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(fe(images), _unfolded(fe, images)))

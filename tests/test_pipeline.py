@@ -108,8 +108,8 @@ def test_whole_graph_end_to_end(tmp_path):
             assert trained["train_images"].value == 8 and trained["budget"].value == "tiny"
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0.0 <= meta["image_auroc"].value <= 1.0 and 0 <= meta["bank_recall"].value <= 1
-            assert meta["expected_false_alarm_rate"].value <= 0.01 + 1e-9
-            assert meta["decision_policy"].value.startswith("at most 1.00% of good parts fail")
+            assert meta["expected_false_alarm_rate"].value <= 0.02 + 1e-9
+            assert meta["decision_policy"].value.startswith("at most 2.00% of good parts fail")
             checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
             assert "expected" in checks["false_alarms_as_expected"].metadata
             assert "data:image/png;base64," in meta["gallery"].value
@@ -129,7 +129,7 @@ def test_whole_graph_end_to_end(tmp_path):
     assert "synthetic/circuit" in report and "AUPRO" in report and report.count("data:image/png;base64,") >= 6
     assert "<script src" not in report and "<link" not in report  # self-contained
     assert "<th>budget</th>" in report and "<td>tiny</td>" in report
-    assert "Pass/fail decisions: at most 1.00% of good parts fail" in report and "<th>false alarms expected</th>" in report
+    assert "Pass/fail decisions: at most 2.00% of good parts fail" in report and "<th>false alarms expected</th>" in report
     assert 'alt="pfm learning curve for synthetic/fabric"' in report and "mean_image learning curve" not in report
     dvc_metrics = json.loads((data / "reports" / "metrics.json").read_text())
     assert set(dvc_metrics["synthetic/fabric"]) == {"pfm", "mean_image"}

@@ -154,7 +154,7 @@ class PFM(AnomalyMethod):
             bcfg = BackboneConfig.from_dict(getattr(cfg, role))
             if not pretrained_backbones:  # weights come from the saved checkpoint instead
                 bcfg = BackboneConfig(bcfg.name, bcfg.out_indices, pretrained=False)
-            backbones.append(FeatureExtractor(bcfg))
+            backbones.append(FeatureExtractor(bcfg, fold=True))
             self.provenance[f"{role}_weights"] = backbones[-1].weights_source
         source, target = backbones
         if source.reductions != target.reductions:
