@@ -194,10 +194,6 @@ def fold_batch_norms(body: nn.Module, example: torch.Tensor) -> nn.Module:
     return folded
 
 
-def _forget_folded(module: "FeatureExtractor", *_args) -> None:
-    module.drop_folded()
-
-
 class FeatureExtractor(nn.Module):
     """A frozen timm backbone returning the feature maps of `out_indices`.
 
@@ -229,7 +225,6 @@ class FeatureExtractor(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self.drop_folded()
-        self.register_load_state_dict_pre_hook(_forget_folded)
 
     def drop_folded(self) -> None:
         """Forget the folded copy: the next forward folds `body`'s current weights again."""
