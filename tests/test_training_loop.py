@@ -157,3 +157,33 @@ def test_pfm_trains_its_levels_side_by_side_with_the_weights_of_one_after_the_ot
     finally:
         torch.set_num_threads(1)
     assert set(levels_ran_on) == {threading.current_thread().name}
+
+
+def test_bf16_training_on_a_cpu_is_opt_in_only_on_bf16_hardware_and_inference_stays_fp32(tiny_category, monkeypatch):
+    dataset, _ = tiny_category
+    rows = read_manifest(dataset)
+    train = ImageDataset(rows[rows.split == "train"][:8], 64)
+    config = {"image_size": 64, "epochs": 2, "batch_size": 4}
+    images = torch.rand(2, 3, 64, 64)
+
+    def trained(**options):
+        model = create_method("pfm", {**config, **options})
+        log = model.fit(train, device="cpu", progress=False)
+        return log, model.predict(images)[1], model.net.projectors.state_dict()
+
+    fp32_log, fp32_maps, fp32_weights = trained()
+    assert fp32_log["training_precision"] == "float32"
+    # asked for, on a CPU without bf16 matrix units: ignored, the fp32 training bit for bit
+    monkeypatch.setattr(base, "cpu_has_bf16_matrix_units", lambda: False)
+    log, maps, weights = trained(cpu_bf16_training=True)
+    assert log["training_precision"] == "float32"
+    assert all(torch.equal(weights[k], fp32_weights[k]) for k in fp32_weights)
+    # with them (here pretended, so the test holds on any CPU): bf16 steps, an fp32 model that maps
+    # nearly as the fp32-trained one
+    monkeypatch.setattr(base, "cpu_has_bf16_matrix_units", lambda: True)
+    log, maps, weights = trained(cpu_bf16_training=True)
+    assert log["training_precision"] == "bfloat16"
+    assert all(w.dtype == fp32_weights[k].dtype for k, w in weights.items())
+    assert not all(torch.equal(weights[k], fp32_weights[k]) for k in fp32_weights)
+    assert maps.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([maps.flatten(), fp32_maps.flatten()]))[0, 1] > 0.95

@@ -68,11 +68,24 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked; a no-op on CPU, where fp32 is both faster and exact."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where bf16 beats fp32."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def autocast_dtype(device: torch.device, enabled: bool, cpu: bool = False) -> torch.dtype | None:
+    """bf16 on CUDA when asked (`enabled`); on a CPU only when `cpu` is asked too and the CPU has
+    bf16 matrix units: elsewhere fp32 is both faster and exact there. None: no autocast."""
+    if enabled and (device.type == "cuda" or (cpu and device.type == "cpu" and cpu_has_bf16_matrix_units())):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager:
+    """The autocast `autocast_dtype` chooses, or a no-op."""
+    dtype = autocast_dtype(device, enabled, cpu)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def check_input_geometry(config, method: str, multiple: int = 1, why: str = "") -> None:

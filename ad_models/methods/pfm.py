@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, FeatureExtractor
 from ad_models.data.loading import image_shape
-from ad_models.methods.base import (AnomalyMethod, autocast, check_input_geometry, image_batches, optimizer_step,
-                                    resolve_device, seed_everything, side_by_side, step_phase, top_k_mean)
+from ad_models.methods.base import (AnomalyMethod, autocast, autocast_dtype, check_input_geometry, image_batches,
+                                    optimizer_step, resolve_device, seed_everything, side_by_side, step_phase,
+                                    top_k_mean)
 
 
 @dataclass
@@ -58,6 +59,10 @@ class PFMConfig:
     position_encoding: bool = False  # PEFM's fixed 2-D sin/cos encoding added to projector inputs
     seed: int = 888
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # bf16 autocast for the projectors' training steps on a CPU with bf16 matrix units (Intel AMX;
+    # ignored elsewhere): ~1.5x faster steps. Features and inference stay fp32, so a saved model
+    # scores the same on any machine.
+    cpu_bf16_training: bool = False
     feature_cache_gb: float = 4.0  # cache frozen features of the training set up to this size
 
     def __post_init__(self):
@@ -235,6 +240,8 @@ class PFM(AnomalyMethod):
             bar.set_postfix(loss=f"{sum(losses[-1]):.4f}")
         self.net.eval()
         log = {"epochs": cfg.epochs, "train_images": n, "feature_cache": cached,
+               "training_precision": str(autocast_dtype(self.device, cfg.amp, cfg.cpu_bf16_training) or torch.float32)
+               .removeprefix("torch."),
                "train_seconds": time.perf_counter() - start, "loss_per_epoch": losses,
                "final_loss": sum(losses[-1]), "latent_dims": self.latent_dims, "device": str(self.device)}
         if valid is not None and len(valid):
@@ -243,7 +250,7 @@ class PFM(AnomalyMethod):
 
     def _train_step(self, level: int, fs: torch.Tensor, ft: torch.Tensor, optimizer) -> torch.Tensor:
         """One update of one level's projector on a batch of its features; its loss."""
-        with step_phase("forward"), autocast(self.device, self.config.amp):
+        with step_phase("forward"), autocast(self.device, self.config.amp, cpu=self.config.cpu_bf16_training):
             s_hat, t_hat = self.net.projectors[level](fs, ft)
             loss = F.mse_loss(s_hat.float(), fs) + F.mse_loss(t_hat.float(), ft)
         optimizer_step(optimizer, loss)
