@@ -64,6 +64,17 @@ def test_fit_predict_save_load(name, tmp_path):
     assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
 
 
+def test_pfm_image_score_averages_the_top_k_scaled_with_the_map_area():
+    method = create_method("pfm", {"epochs": 1, "image_size": 64, "batch_size": 4, "score_top_k": 256})
+    method.fit(RandomImages(4, 64), device="cpu", progress=False)
+    images = torch.rand(2, 3, 128, 128)  # 256 at 256 x 256 is 64 pixels of a 128 x 128 map
+    scores, maps = method.predict(images)
+    top = maps.flatten(1).topk(64, dim=1).values
+    assert torch.allclose(scores, top.mean(1)) and torch.all(scores < top[:, 0])
+    with pytest.raises(ValueError, match="score_top_k must be at least 1"):
+        create_method("pfm", {"score_top_k": 0})
+
+
 def test_feature_cache_off_gives_the_same_training():
     logs = []
     for cache_gb in (4.0, 0.0):

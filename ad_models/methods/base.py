@@ -115,6 +115,11 @@ def input_side(size) -> float:
     return rows if rows == cols else (rows * cols) ** 0.5
 
 
+def top_k_at(k_at_256: int, size) -> int:
+    """A count of map pixels given at 256 x 256 (an image score's top k), scaled with the image area."""
+    return max(1, round(k_at_256 * (input_side(size) / 256) ** 2))
+
+
 def top_k_mean(maps: torch.Tensor, k: int = 1, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Image scores [B]: the mean of each map's k largest values (k = 1: its maximum), over the
     `valid` pixels only when given (resized to the map's grid), so padding never scores."""

@@ -80,7 +80,8 @@ from ad_models.defects import DefectConfig, DefectMixture, color_jitter
 from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
                                     check_input_geometry, images_in_memory, input_side, model_input,
-                                    optimizer_step, resolve_device, seed_everything, step_phase, top_k_mean)
+                                    optimizer_step, resolve_device, seed_everything, step_phase, top_k_at,
+                                    top_k_mean)
 
 ENCODERS = {  # name -> backbone; "auto" tries the paper's ResNet-18 first, then the offline network
     "resnet18": {"name": "resnet18.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -398,8 +399,6 @@ class SLSG(AnomalyMethod):
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return model_input(images, self.config.image_size, self.device)
 
-    def top_k(self) -> int:
-        return max(1, round(self.config.score_top_k * (input_side(self.config.image_size) / 256) ** 2))
 
     # -- training -----------------------------------------------------------------------------
     def pretrain(self, images: TrainingImages, generator: torch.Generator, progress: bool) -> list[float]:
@@ -494,7 +493,7 @@ class SLSG(AnomalyMethod):
         with autocast(self.device, cfg.amp):
             out, _ = self.net(self._resize(images))
         maps = torch.softmax(out.float(), 1)[:, 1]
-        scores = top_k_mean(maps, self.top_k(), valid)
+        scores = top_k_mean(maps, top_k_at(cfg.score_top_k, cfg.image_size), valid)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return scores, maps
