@@ -160,7 +160,7 @@ def test_a_worse_candidate_is_not_deployed(trained, tmp_path):
 
 
 def test_cli_ingests_retrains_and_predicts_with_the_deployed_model(trained, tmp_path, capsys):
-    t, params = trained, trained["params"]
+    params = trained["params"]
     flags = ["--params", str(params.file)]
     assert main(flags + ["ingest"]) == 0
     assert "no new files" in capsys.readouterr().err
