@@ -106,6 +106,8 @@ def test_whole_graph_end_to_end(tmp_path):
                                     resources=defs.resources, instance=instance)
             trained = result.asset_materializations_for_node("model")[0].metadata
             assert trained["train_images"].value == 8 and trained["budget"].value == "tiny"
+            if method == "pfm":
+                assert trained["training_precision"].value == "float32"
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0.0 <= meta["image_auroc"].value <= 1.0 and 0 <= meta["bank_recall"].value <= 1
             assert meta["expected_false_alarm_rate"].value <= 0.02 + 1e-9

@@ -46,6 +46,8 @@ def build(params: Params) -> dg.AssetsDefinition:
                     "train_seconds": dg.MetadataValue.float(log["train_seconds"]),
                     "device": log.get("device", accelerator.torch_device),
                     "weights": dg.MetadataValue.json(log["provenance"])}
+        if log.get("training_precision"):  # bf16 autocast or fp32: what the budget got on this machine
+            metadata["training_precision"] = log["training_precision"]
         if log.get("loss_per_epoch"):
             metadata["final_loss"] = dg.MetadataValue.float(log["final_loss"])
             metadata["loss_curve"] = loss_summary(log["loss_per_epoch"], log.get("loss_columns"),
