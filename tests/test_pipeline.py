@@ -82,7 +82,8 @@ def test_a_named_budget_sets_every_methods_settings_in_one_line(tmp_path):
     # the repository's own params: the CPU budget for every method, the papers' one switch away
     repo = load_params(ROOT / "params.yaml")
     assert repo.budget == "cpu" and set(repo.budgets["cpu"]) == {"pfm", "pefm", "ndpnet", "slsg", "esad", "bvpn"}
-    assert dataclasses.replace(repo, budget="paper").method_options("pfm", "synthetic/fabric") == {}
+    # the papers' settings, with only the project's own choice of image score over them
+    assert dataclasses.replace(repo, budget="paper").method_options("pfm", "synthetic/fabric") == {"score_top_k": 328}
 
 
 def test_whole_graph_end_to_end(tmp_path):
