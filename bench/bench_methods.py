@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "methods.json"))
     args = parser.parse_args()
 
-    built_in = {"n_train": args.train_good, "n_test_good": args.test_good, "n_test_defect": args.test_defect, "seed": args.seed}
+    built_in = {"n_train": args.train_good, "n_test_good": args.test_good, "n_test_defect": args.test_defect,
+                "seed": args.seed}
     datasets = [("synthetic", c, built_in) for c in args.categories]
     if args.magnetic_tile:
         datasets.append(("magnetic_tile", "tile", {"source_dir": args.magnetic_tile,

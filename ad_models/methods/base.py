@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import dataclasses
 import json
 import logging
@@ -68,6 +69,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@functools.cache  # asked at every training step; the answer never changes
 def cpu_has_bf16_matrix_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX), where bf16 beats fp32."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)

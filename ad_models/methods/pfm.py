@@ -63,7 +63,7 @@ class PFMConfig:
     score_top_k: int = 1
     position_encoding: bool = False  # PEFM's fixed 2-D sin/cos encoding added to projector inputs
     seed: int = 888
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA; on a CPU only with cpu_bf16_training
     # bf16 autocast for the projectors' training steps on a CPU with bf16 matrix units (Intel AMX;
     # ignored elsewhere): ~1.5x faster steps. Features and inference stay fp32, so a saved model
     # scores the same on any machine.
@@ -245,8 +245,8 @@ class PFM(AnomalyMethod):
             bar.set_postfix(loss=f"{sum(losses[-1]):.4f}")
         self.net.eval()
         log = {"epochs": cfg.epochs, "train_images": n, "feature_cache": cached,
-               "training_precision": str(autocast_dtype(self.device, cfg.amp, cfg.cpu_bf16_training) or torch.float32)
-               .removeprefix("torch."),
+               "training_precision": "bfloat16" if autocast_dtype(self.device, cfg.amp, cfg.cpu_bf16_training)
+               else "float32",
                "train_seconds": time.perf_counter() - start, "loss_per_epoch": losses,
                "final_loss": sum(losses[-1]), "latent_dims": self.latent_dims, "device": str(self.device)}
         if valid is not None and len(valid):

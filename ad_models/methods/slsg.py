@@ -399,7 +399,6 @@ class SLSG(AnomalyMethod):
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return model_input(images, self.config.image_size, self.device)
 
-
     # -- training -----------------------------------------------------------------------------
     def pretrain(self, images: TrainingImages, generator: torch.Generator, progress: bool) -> list[float]:
         """The generative pre-training stage (module docstring): masked-patch inpainting that trains
