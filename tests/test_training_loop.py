@@ -187,3 +187,11 @@ def test_bf16_training_on_a_cpu_is_opt_in_only_on_bf16_hardware_and_inference_st
     assert not all(torch.equal(weights[k], fp32_weights[k]) for k in fp32_weights)
     assert maps.dtype == torch.float32
     assert torch.corrcoef(torch.stack([maps.flatten(), fp32_maps.flatten()]))[0, 1] > 0.95
+    # levels side by side on two threads: a repeat gives the same weights
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = trained(cpu_bf16_training=True)[2], trained(cpu_bf16_training=True)[2]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(first[k], second[k]) for k in first)

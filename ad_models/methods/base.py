@@ -85,9 +85,14 @@ def autocast_dtype(device: torch.device, enabled: bool, cpu: bool = False) -> to
 
 
 def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager:
-    """The autocast `autocast_dtype` chooses, or a no-op."""
+    """The autocast `autocast_dtype` chooses, or a no-op. No cache of cast weights on a CPU: the cache
+    empties only when the last of all threads' autocast regions ends, so with PFM's levels training
+    side by side a step could reuse bf16 copies of weights from before the last update (a run then
+    differed from its repeat)."""
     dtype = autocast_dtype(device, enabled, cpu)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=device.type != "cpu")
 
 
 def check_input_geometry(config, method: str, multiple: int = 1, why: str = "") -> None:
