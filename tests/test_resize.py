@@ -218,5 +218,28 @@ def test_tiles_compare_images_of_other_sizes_in_the_median_frame(tall_category):
     assert pred["maps"].shape == pred["masks"].shape == (len(rows), 96, 32)
     # the short part's mask stretched to the frame, its map likewise
     assert pred["masks"][defective].any() and pred["labels"][defective] == 1
-    short_map = method.predict_images([read_rgb(rows.path[defective])])[1][0]
-    assert short_map.shape == (64, 32) and pred["scores"][defective] == pytest.approx(short_map.max())
+    short = read_rgb(rows.path[defective])
+    short_map = method.predict_images([short])[1][0]
+    assert short_map.shape == (64, 32) and pred["scores"][defective] == pytest.approx(highest_tile_score(method, short))
+
+
+def highest_tile_score(method, image: np.ndarray) -> float:
+    """The image score under `tiles`, the slow way: the method's own score of each tile, the largest."""
+    boxes = tile_grid(*image.shape[:2], method.config.image_size)
+    assert all(h == w == method.config.image_size for _, _, h, w in boxes)  # whole tiles: no padding to mask
+    tiles = torch.stack([torch.from_numpy(image[t:t + h, l:l + w]).permute(2, 0, 1) for t, l, h, w in boxes])
+    return float(method.predict(tiles.float() / 255)[0].max())
+
+
+def test_tiles_score_an_image_by_its_highest_tile_score_with_the_methods_own_top_k(tall_category):
+    """PFM's score_top_k holds under tiles: the image score is the top-k mean of its worst tile,
+    not the maximum of the stitched map."""
+    train = read_manifest(tall_category).query("split == 'train'")
+    method = create_method("pfm", {"image_size": 32, "resize": "tiles", "epochs": 1, "batch_size": 4,
+                                   "score_top_k": 1024})  # 16 of a 32 x 32 tile's pixels
+    method.fit(ImageDataset(train, 32, "tiles"), device="cpu", progress=False)
+    image = read_rgb(read_manifest(tall_category).query("split == 'test' and label == 1").path.iloc[0])
+    scores, maps = method.predict_images([image])
+    assert maps[0].shape == image.shape[:2] == (96, 32)
+    assert scores[0] == pytest.approx(highest_tile_score(method, image), rel=1e-5)
+    assert scores[0] < maps[0].max() - 1e-6  # a mean of 16 values, below the largest

@@ -281,19 +281,21 @@ class AnomalyMethod:
         size, under the model's `resize` policy: the one path from a picture to a decision
         (`adpipe predict`, and evaluation under `tiles`). Under `tiles`, each image's tiles are
         predicted in batches, their maps stitched (`loading.stitch_tiles`) and the image score is
-        the stitched map's maximum: a defect anywhere fails the part."""
+        the largest of the tiles' own scores: a defect anywhere fails the part, and each tile is
+        scored as the method scores an image (its `score_top_k`, BVPN's fused score)."""
         size, resize = self.config.image_size, self.config.resize
         if resize == "tiles":
             scores, maps = [], []
             for image in images:
                 boxes = tile_grid(*image.shape[:2], size)
-                tile_maps = []
+                tile_scores, tile_maps = [], []
                 for start in range(0, len(boxes), batch_size):
                     cut = [cut_tile(image, box, size) for box in boxes[start:start + batch_size]]
-                    tile_maps.append(self._predict_fitted(cut, size)[1])
-                amap = stitch_tiles(np.concatenate(tile_maps), boxes, *image.shape[:2])
-                scores.append(float(amap.max()))
-                maps.append(amap)
+                    batch_scores, batch_maps = self._predict_fitted(cut, size)
+                    tile_scores.append(batch_scores)
+                    tile_maps.append(batch_maps)
+                scores.append(float(np.concatenate(tile_scores).max()))
+                maps.append(stitch_tiles(np.concatenate(tile_maps), boxes, *image.shape[:2]))
             return np.asarray(scores, np.float32), maps
         scores, maps = [], []
         for start in range(0, len(images), batch_size):
