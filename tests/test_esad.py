@@ -1,4 +1,7 @@
 """ESAD: its pieces against hand-made cases, a short training run, save/load, selection on a bank."""
+import dataclasses
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -198,6 +201,15 @@ def test_training_runs_and_maps_come_back_at_input_size(trained):
         assert torch.all(maps >= 0) and torch.allclose(scores, maps.flatten(1).amax(1))
         again = method.predict(images)  # fixed test masks: deterministic
         assert torch.equal(again[0], scores) and torch.equal(again[1], maps)
+
+
+def test_score_top_k_is_given_at_256_px_and_scaled_with_the_map_area(trained):
+    method = trained[0]
+    top_k = dataclasses.replace(method.config, score_top_k=1024)  # 16 pixels of a 32 x 32 map
+    images = torch.rand(2, 3, 32, 32)
+    with mock.patch.object(method, "config", top_k):
+        scores, maps = method.predict(images)
+    assert torch.allclose(scores, maps.flatten(1).topk(16, dim=1).values.mean(1))
 
 
 @pytest.mark.parametrize("joint", [False, True])

@@ -61,7 +61,8 @@ facts above. Everything else follows the spec's reference design (Sec. 3, a prop
   (one seed each). Small banks: differences below about 0.01 are noise.
 - Map: per level 1 - cosine similarity over channels, bilinear to `image_size`, summed; Gaussian
   smoothing sigma 4 px at `image_size` (`smoothing_sigma`); image score = max of the map
-  (`score_top_k` > 1: mean of the top k). Maps are resized to the input resolution.
+  (`score_top_k` > 1: mean of the top k, k given at 256 x 256 and scaled with the map's area, as
+  PFM's). Maps are resized to the input resolution.
 - Budget: 300 epochs (the paper's is unknown; spec: RIAD-like 300-800). No augmentation.
 - Checkpoint selection: every `select_every` epochs (and after the last) the model is scored on the
   validation data when it holds defective images (our synthetic validation bank: mean of image and
@@ -110,7 +111,7 @@ from ad_models.defects import grid_cell_sizes, grid_masks, stroke_masks
 from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
                                     check_input_geometry, images_in_memory, model_input, optimizer_step,
-                                    resolve_device, seed_everything, step_phase, top_k_mean)
+                                    resolve_device, seed_everything, step_phase, top_k_at, top_k_mean)
 from ad_models.methods.losses import ssim
 
 FEATURE_NETWORKS = {  # name -> backbone; "auto" tries VGG-16 first, then the offline network
@@ -141,7 +142,7 @@ class ESADConfig:
     w_feat: float = 0.3  # on the scale-free feature loss; chosen on synthetic banks (docstring)
     ssim_window: int = 11
     smoothing_sigma: float = 4.0  # px at image_size; 0 = no smoothing
-    score_top_k: int = 1  # image score = mean of the k largest map values (1 = max)
+    score_top_k: int = 1  # image score = mean of the k largest map values (1 = max); at 256 x 256, scaled
     epochs: int = 300  # inferred: the paper's budget is unknown
     batch_size: int = 8
     lr: float = 1e-4
@@ -452,5 +453,5 @@ class ESAD(AnomalyMethod):
         maps = gaussian_smooth(torch.stack(maps).mean(0), cfg.smoothing_sigma)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        scores = top_k_mean(maps, cfg.score_top_k, valid)
+        scores = top_k_mean(maps, top_k_at(cfg.score_top_k, maps.shape[-2:]), valid)
         return scores, maps
