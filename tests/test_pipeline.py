@@ -112,6 +112,8 @@ def test_whole_graph_end_to_end(tmp_path):
             meta = result.asset_materializations_for_node("evaluation")[0].metadata
             assert 0.0 <= meta["image_auroc"].value <= 1.0 and 0 <= meta["bank_recall"].value <= 1
             assert meta["expected_false_alarm_rate"].value <= 0.02 + 1e-9
+            # 2 good images held out, none failing: at most 78 % with 95 % confidence
+            assert meta["false_alarm_rate_bound"].value == pytest.approx(1 - 0.05 ** (1 / 2))
             assert meta["decision_policy"].value.startswith("at most 2.00% of good parts fail")
             checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
             assert "expected" in checks["false_alarms_as_expected"].metadata

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from ad_models.thresholds import (DecisionPolicy, ScoreSample, choose_thresholds, decisions_on, expectation, fails,
-                                  false_alarm_rate, good_threshold)
+                                  false_alarm_rate, false_alarm_rate_bound, good_images_to_confirm, good_threshold)
 
 
 def _sample(good_scores, defect_scores, size: int = 8, seed: int = 0) -> ScoreSample:
@@ -77,6 +77,22 @@ def test_the_false_alarm_policy_needs_good_images_only_and_reports_the_banks_rec
     assert "5.00% of good parts fail" in chosen["policy_text"]
     assert "expected false alarms: 5.0% of good parts" in expectation(chosen)
     assert "caught on the bank: 75% of 4" in expectation(chosen)
+    # 20 good images cannot confirm 5 % on their own: the text says so, and how many would
+    assert chosen["false_alarm_rate_bound"] == pytest.approx(false_alarm_rate_bound(good, chosen["image"]))
+    assert chosen["false_alarm_rate_bound"] > 0.1
+    bound = chosen["false_alarm_rate_bound"]
+    assert f"at most {bound:.1%} with 95% confidence: 59 would confirm 5.0%" in expectation(chosen)
+
+
+def test_the_false_alarm_bound_holds_whatever_the_distribution():
+    """Clopper-Pearson: the rate at which seeing this few failures has probability 5 %."""
+    none_of_17 = false_alarm_rate_bound(np.zeros(17), 1.0)
+    assert none_of_17 == pytest.approx(1 - 0.05 ** (1 / 17)) and 0.16 < none_of_17 < 0.17
+    one_of_20 = false_alarm_rate_bound(np.r_[np.zeros(19), 2.0], 1.0)
+    assert stats.binom.cdf(1, 20, one_of_20) == pytest.approx(0.05)
+    assert false_alarm_rate_bound(np.ones(5), 1.0) == 1.0 and math.isnan(false_alarm_rate_bound([], 1.0))
+    assert good_images_to_confirm(0.02) == 149
+    assert false_alarm_rate_bound(np.zeros(149), 1.0) <= 0.02 < false_alarm_rate_bound(np.zeros(148), 1.0)
 
 
 def test_bank_f1_and_fixed_policies():

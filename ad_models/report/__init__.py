@@ -63,7 +63,7 @@ def _deployment(entry: EvalEntry) -> dict | None:
     return {"method": entry.method, "deployed": deployed["candidate_id"] if deployed else "none",
             "since": deployed["decided_at"][:16].replace("T", " ") if deployed else "",
             "thresholds": [_fmt(threshold.get(k)) for k in ("image", "pixel", "expected_false_alarm_rate",
-                                                             "bank_recall")],
+                                                             "false_alarm_rate_bound", "bank_recall")],
             "history": [{"at": h["decided_at"][:16].replace("T", " "), "id": h["candidate_id"],
                          "decision": h["decision"], "why": "; ".join(h.get("reasons") or [])}
                         for h in reversed(history)]}

@@ -57,8 +57,9 @@ def build(params: Params) -> dg.AssetsDefinition:
                             pixel_threshold=dg.MetadataValue.float(float(threshold["pixel"])),
                             expected_false_alarm_rate=dg.MetadataValue.float(threshold["expected_false_alarm_rate"]),
                             what_to_expect=expectation(threshold))
-            if "bank_recall" in threshold:
-                metadata["bank_recall"] = dg.MetadataValue.float(threshold["bank_recall"])
+            for key in ("false_alarm_rate_bound", "bank_recall"):  # absent without defects, or set by an older adpipe
+                if key in threshold:
+                    metadata[key] = dg.MetadataValue.float(threshold[key])
         if comparison_rows(record):
             metadata["comparison"] = markdown_table(["set", "metric", "candidate", "deployed"], comparison_rows(record))
         return dg.MaterializeResult(metadata=metadata, check_results=[check_deployment(record)])

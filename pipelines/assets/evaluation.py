@@ -12,7 +12,8 @@ from pipelines.partitions import DATASET_OF_MODEL, model_partitions, split_model
 from pipelines.resources import AdpipeResource
 
 HEADLINE = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "f1_at_threshold", "good_pass_rate_at_threshold",
-            "expected_false_alarm_rate", "bank_recall", "image_threshold", "pixel_threshold", "inference_ms_per_image"]
+            "expected_false_alarm_rate", "false_alarm_rate_bound", "bank_recall", "image_threshold", "pixel_threshold",
+            "inference_ms_per_image"]
 
 
 def build(params: Params) -> dg.AssetsDefinition:
