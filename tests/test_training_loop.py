@@ -159,17 +159,21 @@ def test_pfm_trains_its_levels_side_by_side_with_the_weights_of_one_after_the_ot
     assert set(levels_ran_on) == {threading.current_thread().name}
 
 
-def test_bf16_training_on_a_cpu_is_opt_in_only_on_bf16_hardware_and_inference_stays_fp32(tiny_category, monkeypatch):
+@pytest.mark.parametrize("name, config", [
+    ("pfm", {"epochs": 2, "batch_size": 4}),
+    ("slsg", {"decoder_widths": (16, 16, 8, 8), "aux_width": 8, "iterations": 4, "batch_size": 2})])
+def test_bf16_training_on_a_cpu_is_opt_in_only_on_bf16_hardware_and_inference_stays_fp32(name, config, tiny_category,
+                                                                                         monkeypatch):
     dataset, _ = tiny_category
     rows = read_manifest(dataset)
     train = ImageDataset(rows[rows.split == "train"][:8], 64)
-    config = {"image_size": 64, "epochs": 2, "batch_size": 4}
+    config = {"image_size": 64, **config}
     images = torch.rand(2, 3, 64, 64)
 
     def trained(**options):
-        model = create_method("pfm", {**config, **options})
+        model = create_method(name, {**config, **options})
         log = model.fit(train, device="cpu", progress=False)
-        return log, model.predict(images)[1], model.net.projectors.state_dict()
+        return log, model.predict(images)[1], model.net.state_dict()  # frozen parts equal, trained ones differ
 
     fp32_log, fp32_maps, fp32_weights = trained()
     assert fp32_log["training_precision"] == "float32"
@@ -187,7 +191,7 @@ def test_bf16_training_on_a_cpu_is_opt_in_only_on_bf16_hardware_and_inference_st
     assert not all(torch.equal(weights[k], fp32_weights[k]) for k in fp32_weights)
     assert maps.dtype == torch.float32
     assert torch.corrcoef(torch.stack([maps.flatten(), fp32_maps.flatten()]))[0, 1] > 0.95
-    # levels side by side on two threads: a repeat gives the same weights
+    # on two threads (PFM: levels side by side): a repeat gives the same weights
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -84,6 +84,11 @@ def autocast_dtype(device: torch.device, enabled: bool, cpu: bool = False) -> to
     return None
 
 
+def training_precision(device: torch.device, enabled: bool, cpu: bool = False) -> str:
+    """What training steps under `autocast(device, enabled, cpu)` compute in, for logs and metadata."""
+    return "bfloat16" if autocast_dtype(device, enabled, cpu) else "float32"
+
+
 def autocast(device: torch.device, enabled: bool, cpu: bool = False) -> contextlib.AbstractContextManager:
     """The autocast `autocast_dtype` chooses, or a no-op. No cache of cast weights on a CPU: the cache
     empties only when the last of all threads' autocast regions ends, so with PFM's levels training

@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 
 from ad_models.backbones import BackboneConfig, FeatureExtractor
 from ad_models.data.loading import image_shape
-from ad_models.methods.base import (AnomalyMethod, autocast, autocast_dtype, check_input_geometry, image_batches,
-                                    optimizer_step, resolve_device, seed_everything, side_by_side, step_phase,
-                                    top_k_at, top_k_mean)
+from ad_models.methods.base import (AnomalyMethod, autocast, check_input_geometry, image_batches, optimizer_step,
+                                    resolve_device, seed_everything, side_by_side, step_phase, top_k_at, top_k_mean,
+                                    training_precision)
 
 
 @dataclass
@@ -245,8 +245,7 @@ class PFM(AnomalyMethod):
             bar.set_postfix(loss=f"{sum(losses[-1]):.4f}")
         self.net.eval()
         log = {"epochs": cfg.epochs, "train_images": n, "feature_cache": cached,
-               "training_precision": "bfloat16" if autocast_dtype(self.device, cfg.amp, cfg.cpu_bf16_training)
-               else "float32",
+               "training_precision": training_precision(self.device, cfg.amp, cfg.cpu_bf16_training),
                "train_seconds": time.perf_counter() - start, "loss_per_epoch": losses,
                "final_loss": sum(losses[-1]), "latent_dims": self.latent_dims, "device": str(self.device)}
         if valid is not None and len(valid):

@@ -81,7 +81,7 @@ from ad_models.data.loading import image_shape
 from ad_models.methods.base import (AnomalyMethod, CheckpointSelection, TrainingImages, autocast,
                                     check_input_geometry, images_in_memory, input_side, model_input,
                                     optimizer_step, resolve_device, seed_everything, step_phase, top_k_at,
-                                    top_k_mean)
+                                    top_k_mean, training_precision)
 
 ENCODERS = {  # name -> backbone; "auto" tries the paper's ResNet-18 first, then the offline network
     "resnet18": {"name": "resnet18.tv_in1k", "out_indices": (0, 1, 2, 3, 4)},
@@ -130,7 +130,10 @@ class SLSGConfig:
     # scoring and selection
     score_top_k: int = 100  # at 256 x 256; scaled with the image area
     select_every: int = 500  # iterations between checkpoint evaluations on the bank
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA; on a CPU only with cpu_bf16_training
+    # bf16 autocast for the training steps on a CPU with bf16 matrix units (Intel AMX; ignored
+    # elsewhere), as PFM's option. Checkpoint selection and inference stay fp32.
+    cpu_bf16_training: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -459,7 +462,7 @@ class SLSG(AnomalyMethod):
                 x = torch.cat([normal, anomalous])
                 target = torch.cat([torch.zeros_like(masks), masks]).to(self.device)
             with step_phase("forward"):
-                with autocast(self.device, cfg.amp):
+                with autocast(self.device, cfg.amp, cpu=cfg.cpu_bf16_training):
                     out, aux = self.net(self._resize(x))
                 probs, aux_probs = torch.softmax(out.float(), 1), torch.softmax(aux.float(), 1)
                 losses = torch.stack([focal_loss(probs, target, cfg.focal_gamma),
@@ -481,6 +484,7 @@ class SLSG(AnomalyMethod):
                 "train_seconds": time.perf_counter() - start, "device": str(self.device),
                 "loss_columns": LOSS_COLUMNS, "loss_per_epoch": history, "final_loss": sum(history[-1]),
                 "loss_every_iterations": every, "pretrain_losses": pretrain_losses,
+                "training_precision": training_precision(self.device, cfg.amp, cfg.cpu_bf16_training),
                 **selection.summary(cfg.iterations)}
 
     # -- inference ------------------------------------------------------------------------------
